@@ -1,0 +1,219 @@
+"""The `batchcxr` command line. Thin: parse options, build config, call one function."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from batchcxr.paths import PROJECT_ROOT
+
+DEFAULT_TFLITE = PROJECT_ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_quant.tflite"
+MODEL_DEFAULTS = {
+    # model: (epochs, learning rate)
+    "cnn": (30, 1e-3),
+    "mobilenetv2": (8, 1e-4),
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Bulk pneumonia scoring of chest X-rays. Not for diagnostic use."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--model", "model_name", type=click.Choice(["cnn", "mobilenetv2"]), required=True)
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Kaggle layout root holding train/{NORMAL,PNEUMONIA}, or that train folder itself.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Model folder to write (weights + card), e.g. models/mobilenetv2.")
+@click.option("--epochs", type=int, default=None, help="Most epochs (early stopping on validation AUC).")
+@click.option("--lr", "learning_rate", type=float, default=None, help="Adam learning rate (MobileNetV2: fine-tuning).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--val-fraction", type=float, default=0.15, show_default=True)
+@click.option("--patience", type=int, default=4, show_default=True)
+@click.option("--zoom", type=float, default=0.15, show_default=True)
+@click.option("--shear", type=float, default=0.1, show_default=True, help="Keras RandomShear factor.")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")
+@click.option("--fine-tune-from", default="block_13_expand", show_default=True,
+              help="MobileNetV2: first backbone layer to unfreeze.")
+@click.option("--head-epochs", type=int, default=40, show_default=True)
+@click.option("--threshold-rule", default="youden", show_default=True, help="youden or recall:R.")
+@click.option("--limit-per-class", type=int, default=None, help="Quick runs: at most N images per class.")
+@click.option("--imagenet-tflite", "tflite_path", type=click.Path(path_type=Path), default=DEFAULT_TFLITE,
+              show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
+def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
+          batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
+          flip: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
+          limit_per_class: int | None, tflite_path: Path) -> None:
+    """Train one model; choose epochs and threshold on a patient-level validation split."""
+    from batchcxr.training.architectures import AugmentConfig
+    from batchcxr.training.train import TrainConfig, train as run_train
+
+    if (data_dir / "train").is_dir():
+        data_dir = data_dir / "train"
+    default_epochs, default_lr = MODEL_DEFAULTS[model_name]
+    cfg = TrainConfig(
+        model=model_name,  # type: ignore[arg-type]
+        data_dir=data_dir,
+        out_dir=out_dir,
+        seed=seed,
+        val_fraction=val_fraction,
+        batch_size=batch_size,
+        epochs=default_epochs if epochs is None else epochs,
+        learning_rate=default_lr if learning_rate is None else learning_rate,
+        patience=patience,
+        augment=AugmentConfig(zoom=zoom, shear=shear, horizontal_flip=flip),
+        head_epochs=head_epochs,
+        fine_tune_from=fine_tune_from,
+        tflite_path=tflite_path if model_name == "mobilenetv2" else None,
+        threshold_rule=threshold_rule,
+        limit_per_class=limit_per_class,
+    )
+    result = run_train(cfg)
+    click.echo(
+        f"saved {result.model_dir} after {result.epochs_run} epochs in {result.seconds:.0f} s; "
+        f"threshold {result.threshold:.4f}; validation accuracy {result.validation_metrics['accuracy']:.4f}, "
+        f"AUC {result.validation_metrics['roc_auc']:.4f}"
+    )
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Model folder (weights + card.json), e.g. models/mobilenetv2.")
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Labelled folder with NORMAL/ and PNEUMONIA/, e.g. .../chest_xray_224/test.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where metrics.json, roc.png and confusion_matrix.png go [default: out/evaluate/NAME].")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--update-card", is_flag=True, help="Write these metrics into the model card as its test metrics.")
+def evaluate(model_dir: Path, data_dir: Path, out_dir: Path | None, batch_size: int, update_card: bool) -> None:
+    """Accuracy, per-class precision/recall, ROC AUC and confusion matrix at the card's threshold."""
+    from batchcxr.evaluation import evaluate as ev
+    from batchcxr.infer.models import load_model
+
+    model = load_model(model_dir)
+    metrics, y, scores = ev.evaluate(model, data_dir, batch_size)
+    out_dir = out_dir or Path("out") / "evaluate" / model.name
+    click.echo(ev.format_metrics(metrics))
+    json_path = ev.write_results(metrics, out_dir)
+    pngs = ev.save_plots(y, scores, model.threshold, model.name, out_dir)
+    click.echo(f"wrote {json_path}, " + ", ".join(str(p) for p in pngs))
+    if update_card:
+        command = f"batchcxr evaluate --model models/{model.name} --data <shared>/data/chest_xray_224/{data_dir.name}"
+        ev.update_card(model, metrics, command)
+        click.echo(f"updated {model_dir / 'card.json'} and card.md")
+
+
+EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 3
+"""`batchcxr score` exit codes: 0 finished (every file scored, skipped or unchanged);
+1 finished, but some files failed (each is recorded with its reason and left in place);
+2 bad command line or settings; 3 could not run (models or database unavailable)."""
+
+
+def _settings(config: Path | None, **overrides):
+    from batchcxr.errors import ConfigError
+    from batchcxr.settings import load_settings
+
+    try:
+        return load_settings(config, overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+config_option = click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                             default=None, help="TOML settings file (table [batchcxr]).")
+db_option = click.option("--db", "db_url", default=None,
+                         help="SQLAlchemy URL or SQLite file path [default: batchcxr.sqlite].")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@config_option
+@db_option
+@click.option("--reports", "reports_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder [default: batchcxr-reports].")
+@click.option("--batch-size", type=int, default=None, help="Images per model batch [default: 32].")
+@click.option("--rescore", is_flag=True, help="Score again files already scored by these model versions.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
+def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path | None,
+          batch_size: int | None, rescore: bool, progress: bool | None) -> None:
+    """Score every DICOM/JPEG/PNG image under PATH with both models; write the database and reports.
+
+    \b
+    Exit codes: 0 finished; 1 finished but some files failed (see the report);
+    2 bad options or settings; 3 could not run (models or database).
+    """
+    from tqdm import tqdm
+
+    from batchcxr.ingest.files import walk
+    from batchcxr.pipeline import Scorer
+    from batchcxr.store.repo import Store
+
+    settings = _settings(config, db_url=db_url, reports_dir=reports_dir, batch_size=batch_size)
+    try:
+        store = Store.open(settings.sqlalchemy_url)
+        scorer = Scorer.from_settings(settings, store)
+    except Exception as exc:  # noqa: BLE001 - reported, with exit code 3
+        logging.getLogger("batchcxr").error("cannot start: %s", exc)
+        sys.exit(EXIT_CANNOT_RUN)
+    paths = list(walk(path))
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=len(paths), unit="file", disable=not show, desc="scoring") as bar:
+        summary = scorer.score_paths(path, paths, rescore=rescore, progress=bar.update)
+    store.close()
+    lines = [
+        f"run #{summary.run_id}: {len(paths)} files in {summary.seconds:.1f} s",
+        f"  scored     {summary.scored} ({summary.images_per_second:.1f} images/s)",
+        f"  unchanged  {summary.unchanged} (already scored by these model versions)",
+        f"  skipped    {sum(summary.skipped.values())}",
+    ]
+    lines += [f"    {n:>4}  {reason}" for reason, n in summary.skipped.most_common()]
+    lines.append(f"  failed     {sum(summary.failed.values())}")
+    lines += [f"    {n:>4}  {reason}" for reason, n in summary.failed.most_common()]
+    lines.append(f"report: {summary.index_path.resolve()}")
+    click.echo("\n".join(lines))
+    sys.exit(EXIT_FILES_FAILED if summary.failed else EXIT_OK)
+
+
+@main.command()
+@config_option
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file [default: standard output].")
+def export(config: Path | None, db_url: str | None, fmt: str, out_file: Path | None) -> None:
+    """Export every prediction (one row per image and model) as CSV or JSON."""
+    import pandas as pd
+
+    from batchcxr.store.repo import Store
+
+    settings = _settings(config, db_url=db_url)
+    store = Store.open(settings.sqlalchemy_url)
+    frame = pd.DataFrame(store.prediction_rows())
+    store.close()
+    text = frame.to_csv(index=False) if fmt == "csv" else frame.to_json(orient="records", indent=2)
+    if out_file is None:
+        click.echo(text, nl=False)
+    else:
+        out_file.write_text(text)
+        click.echo(f"wrote {len(frame)} rows to {out_file}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Records passed between stages. Stages take and return these, not dicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+
+class FileKind(str, Enum):
+    DICOM = "dicom"
+    JPEG = "jpeg"
+    PNG = "png"
+    OTHER = "other"
+
+
+class ImageStatus(str, Enum):
+    SCORED = "scored"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class FailStage(str, Enum):
+    """Where a file stopped."""
+
+    READ = "read"
+    SNIFF = "sniff"
+    PARSE = "parse"
+    QUALITY = "quality"
+    DECODE = "decode"
+    INFER = "infer"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A file found by ingest: its bytes' hash and what its content says it is."""
+
+    path: Path
+    kind: FileKind
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """Patient and study attributes, kept as plain text (never trusted as markup or paths)."""
+
+    study_key: str
+    """StudyInstanceUID for DICOM; ``folder:<path>`` for JPEG/PNG."""
+    patient_name: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    study_description: str = ""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    sop_instance_uid: str = ""
+    modality: str = ""
+    view_position: str = ""
+    rows: int = 0
+    columns: int = 0
+    transfer_syntax: str = ""
+
+
+@dataclass
+class PreparedImage:
+    """A decoded image ready for the models, with what is needed to store and show it."""
+
+    source: SourceFile
+    study: StudyInfo
+    image: ImageInfo
+    gray: np.ndarray
+    """uint8 (rows, columns) display image at full resolution (or reduced for display)."""
+    model_input: np.ndarray
+    """float32 (224, 224, 1), the preprocessing contract."""
+    qc_notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A file not scored, and why."""
+
+    source: SourceFile
+    status: ImageStatus
+    stage: FailStage
+    reason: str
+    study: StudyInfo | None = None
+    image: ImageInfo | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """One model's answer for one image."""
+
+    model_name: str
+    model_version: str
+    probability: float
+    threshold: float
+    heatmap: np.ndarray
+    """float32 (h, w) in [0, 1], the Grad-CAM map at the CAM layer's resolution."""
+
+    @property
+    def label(self) -> str:
+        return "PNEUMONIA" if self.probability >= self.threshold else "NORMAL"

@@ -1,0 +1,1 @@
+"""Model evaluation: pure metric code (metrics.py) and the evaluate command (evaluate.py)."""

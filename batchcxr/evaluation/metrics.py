@@ -1,0 +1,115 @@
+"""Binary classification metrics in plain numpy (label 1 = PNEUMONIA)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+
+
+def _check(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y).astype(int).ravel()
+    score = np.asarray(score, dtype=np.float64).ravel()
+    if y.shape != score.shape:
+        raise ValueError(f"labels {y.shape} and scores {score.shape} differ in length")
+    if not set(np.unique(y)) <= {0, 1}:
+        raise ValueError("labels must be 0 or 1")
+    return y, score
+
+
+def confusion_matrix(y: np.ndarray, score: np.ndarray, threshold: float) -> np.ndarray:
+    """2x2 matrix, rows = true class, columns = predicted class (score >= threshold is 1)."""
+    y, score = _check(y, score)
+    pred = (score >= threshold).astype(int)
+    cm = np.zeros((2, 2), dtype=int)
+    np.add.at(cm, (y, pred), 1)
+    return cm
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties count one half)."""
+    y, score = _check(y, score)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC AUC needs both classes")
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score), dtype=np.float64)
+    sorted_scores = score[order]
+    i = 0
+    while i < len(score):  # average ranks over ties
+        j = i
+        while j + 1 < len(score) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False positive rates, true positive rates and the thresholds that give them."""
+    y, score = _check(y, score)
+    thresholds = np.r_[np.inf, np.unique(score)[::-1]]
+    pos, neg = max(int(y.sum()), 1), max(int((1 - y).sum()), 1)
+    tpr = np.array([((score >= t) & (y == 1)).sum() / pos for t in thresholds])
+    fpr = np.array([((score >= t) & (y == 0)).sum() / neg for t in thresholds])
+    return fpr, tpr, thresholds
+
+
+def choose_threshold(y: np.ndarray, score: np.ndarray, rule: str = "youden") -> float:
+    """Pick a decision threshold on validation data.
+
+    Rules
+    -----
+    ``youden``
+        Maximise sensitivity + specificity - 1; the threshold is placed
+        half-way between the two scores that bound the best interval, so it
+        does not sit on one validation image.
+    ``recall:R``
+        The highest threshold that keeps PNEUMONIA recall >= R (e.g. recall:0.97).
+    """
+    y, score = _check(y, score)
+    candidates = np.unique(score)
+    if rule == "youden":
+        best, best_j = candidates[0], -1.0
+        for k, t in enumerate(candidates):
+            cm = confusion_matrix(y, score, t)
+            j = cm[1, 1] / max(cm[1].sum(), 1) + cm[0, 0] / max(cm[0].sum(), 1) - 1
+            if j > best_j + 1e-12:
+                best_j = j
+                below = candidates[k - 1] if k > 0 else 0.0
+                best = (t + below) / 2
+        return float(best)
+    if rule.startswith("recall:"):
+        target = float(rule.split(":", 1)[1])
+        ok = [t for t in candidates if confusion_matrix(y, score, t)[1, 1] / max(y.sum(), 1) >= target]
+        return float(max(ok))
+    raise ValueError(f"unknown threshold rule {rule!r} (youden or recall:R)")
+
+
+def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict:
+    """Accuracy, per-class precision/recall/F1, ROC AUC and confusion matrix at a threshold."""
+    y, score = _check(y, score)
+    cm = confusion_matrix(y, score, threshold)
+    per_class = {}
+    for k, name in enumerate(CLASS_NAMES):
+        tp = cm[k, k]
+        predicted = cm[:, k].sum()
+        actual = cm[k].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {
+            "precision": round(float(precision), 4),
+            "recall": round(float(recall), 4),
+            "f1": round(float(f1), 4),
+            "support": int(actual),
+        }
+    return {
+        "n": int(len(y)),
+        "threshold": round(float(threshold), 6),
+        "accuracy": round(float(np.trace(cm) / cm.sum()), 4),
+        "roc_auc": round(roc_auc(y, score), 4),
+        "per_class": per_class,
+        "confusion_matrix": {"labels": list(CLASS_NAMES), "rows_true_cols_predicted": cm.tolist()},
+    }

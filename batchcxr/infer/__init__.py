@@ -1,0 +1,1 @@
+"""Model loading and batched inference (the only place scoring touches TensorFlow)."""

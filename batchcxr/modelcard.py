@@ -1,0 +1,108 @@
+"""Model cards: the JSON record beside each shipped model, and its Markdown view.
+
+``models/NAME/card.json`` is the single source of truth about a model: what it
+is, how its input must be prepared, its decision threshold and how that was
+chosen, what it was trained on and how it measured. Scoring reads the
+threshold and version from it; ``card.md`` is rendered from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+CARD_JSON = "card.json"
+CARD_MD = "card.md"
+WEIGHTS_FILE = "model.keras"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_version(name: str, weights_sha256: str) -> str:
+    """A version string that changes whenever the weights change."""
+    return f"{name}-{weights_sha256[:12]}"
+
+
+def read_card(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / CARD_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model card not found")
+    return json.loads(path.read_text())
+
+
+def write_card(model_dir: Path, card: dict[str, Any]) -> None:
+    """Write card.json and card.md atomically (temp file + rename)."""
+    model_dir = Path(model_dir)
+    for name, text in ((CARD_JSON, json.dumps(card, indent=2, sort_keys=False) + "\n"), (CARD_MD, render_markdown(card))):
+        tmp = model_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(model_dir / name)
+
+
+def _metrics_table(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "_not measured yet: run `batchcxr evaluate --update-card`_\n"
+    cm = m["confusion_matrix"]["rows_true_cols_predicted"]
+    lines = [
+        f"- images: {m['n']}, threshold {m['threshold']}",
+        f"- accuracy **{m['accuracy']:.4f}**, ROC AUC **{m['roc_auc']:.4f}**",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in m["per_class"].items():
+        lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
+    lines += [
+        "",
+        f"Confusion matrix (rows true, columns predicted NORMAL / PNEUMONIA): {cm}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    """A short human-readable view of card.json."""
+    t = card["threshold"]
+    data = card["training_data"]
+    test = card.get("test_metrics")
+    parts = [
+        f"# Model card: {card['name']} ({card['version']})",
+        "",
+        "_Research software, not for diagnostic use._",
+        "",
+        f"**Architecture.** {card['architecture']['summary']} "
+        f"({card['architecture']['parameters']:,} parameters).",
+        "",
+        "**Input (preprocessing contract).** "
+        + "; ".join(f"{k}: {v}" for k, v in card["preprocessing"].items()),
+        "",
+        f"**Threshold.** {t['value']:.4f}: {t['rule']} on {t['chosen_on']}.",
+        "",
+        f"**Training data.** {data['source']}. Train {data['train_counts']}, validation "
+        f"{data['val_counts']} ({data['split']}); file list sha256 `{data['file_list_sha256'][:16]}...`.",
+        "",
+        "**Hyper-parameters.** " + ", ".join(f"{k}={v}" for k, v in card["hyperparameters"].items()),
+        "",
+        "## Validation (patient-level split of train)",
+        _metrics_table(card.get("validation_metrics")),
+        "## Test (Kaggle test split, as printed by `batchcxr evaluate`)",
+        _metrics_table(test),
+    ]
+    if test and test.get("command"):
+        parts += [f"Command: `{test['command']}`", ""]
+    parts += [
+        f"**Weights.** `{card['weights']['file']}`, sha256 `{card['weights']['sha256']}`.",
+        "",
+        "**Libraries.** " + ", ".join(f"{k} {v}" for k, v in card["library_versions"].items()),
+        "",
+        f"Created {card['created']}.",
+        "",
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,1 @@
+"""Pure image preparation: decoded pixels in, model input out. No I/O here."""

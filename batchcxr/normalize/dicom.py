@@ -1,0 +1,77 @@
+"""DICOM dataset -> 8-bit grayscale, as the models were trained to see chest X-rays.
+
+Order (PS3.3 C.11): decode stored values (signed/unsigned, BitsStored) ->
+Modality LUT or Rescale Slope/Intercept -> the first VOI LUT or the first
+Window Center/Width (else the image's own min..max) -> MONOCHROME1 inversion
+-> 8 bit. RGB and YBR images are converted to RGB by pydicom, then to luma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, apply_voi
+
+from batchcxr.normalize.window import apply_window, rescale_to_unit, rgb_to_gray, to_uint8
+
+
+@dataclass(frozen=True)
+class Presentation:
+    """How the 8-bit image was made; recorded as a QC note."""
+
+    photometric: str
+    window: str
+
+
+def _first(value) -> float:
+    if isinstance(value, (MultiValue, list, tuple)):
+        return float(value[0])
+    return float(value)
+
+
+def voi_to_unit(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
+    """Apply the first VOI LUT or window of ``ds`` to modality values; return [0, 1] and a note."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        item = ds.VOILUTSequence[0]
+        out = apply_voi(values, ds, index=0)
+        bits = int(item.LUTDescriptor[2])
+        return rescale_to_unit(out, 0, 2**bits - 1), "VOI LUT Sequence (first)"
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        return apply_window(values, center, width, function), f"window C={center:g} W={width:g} {function}"
+    return rescale_to_unit(values), "no VOI in file: min..max of the image"
+
+
+def dataset_to_gray(ds: Dataset, pixels: np.ndarray) -> tuple[np.ndarray, Presentation]:
+    """Turn decoded pixel data of a single-frame image into uint8 grayscale.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The dataset the pixels came from (its attributes drive the transforms).
+    pixels : numpy.ndarray
+        ``ds.pixel_array``: (rows, columns) stored values, or (rows, columns, 3) RGB.
+
+    Raises
+    ------
+    ValueError
+        For a photometric interpretation that is not grayscale or colour.
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        return rgb_to_gray(pixels), Presentation(photometric, "colour converted to luma")
+    if pixels.ndim != 2:
+        raise ValueError(f"expected a single 2-D frame, found pixel array shape {pixels.shape}")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
+        raise ValueError(f"unsupported PhotometricInterpretation {photometric!r}")
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        return rgb_to_gray(apply_color_lut(pixels, ds)), Presentation(photometric, "palette converted to luma")
+    values = apply_modality_lut(pixels, ds)
+    unit, note = voi_to_unit(values, ds)
+    return to_uint8(unit, invert=photometric == "MONOCHROME1"), Presentation(photometric, note)

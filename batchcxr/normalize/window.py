@@ -1,0 +1,61 @@
+"""Pure pixel transforms: DICOM windowing and mapping to 8-bit display values."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def apply_window(
+    arr: np.ndarray, center: float, width: float, function: str = "LINEAR"
+) -> np.ndarray:
+    """Apply a DICOM VOI window (PS3.3 C.11.2.1.2); return float64 values in [0, 1].
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Modality values (after rescale slope/intercept).
+    center, width : float
+        Window Center (0028,1050) and Window Width (0028,1051).
+    function : str
+        VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID.
+    """
+    x = arr.astype(np.float64)
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        if width <= 0:
+            raise ValueError(f"window width must be > 0 for SIGMOID, found {width}")
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"window width must be > 0 for LINEAR_EXACT, found {width}")
+        return np.clip((x - (center - width / 2)) / width, 0.0, 1.0)
+    if width < 1:
+        raise ValueError(f"window width must be >= 1 for LINEAR, found {width}")
+    return np.clip(((x - (center - 0.5)) / (width - 1)) + 0.5, 0.0, 1.0)
+
+
+def rescale_to_unit(arr: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Map [low, high] (default: the array's own min and max) linearly onto [0, 1]."""
+    x = arr.astype(np.float64)
+    low = float(x.min()) if low is None else low
+    high = float(x.max()) if high is None else high
+    if high <= low:
+        return np.zeros_like(x)
+    return np.clip((x - low) / (high - low), 0.0, 1.0)
+
+
+def to_uint8(unit: np.ndarray, invert: bool = False) -> np.ndarray:
+    """Round values in [0, 1] to uint8 0..255; ``invert`` for MONOCHROME1 (white = low values)."""
+    if invert:
+        unit = 1.0 - unit
+    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of an (rows, columns, 3) RGB array, as uint8."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must have shape (rows, columns, 3), found {rgb.shape}")
+    y = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    if rgb.dtype != np.uint8:
+        return to_uint8(rescale_to_unit(y))
+    return np.rint(y).astype(np.uint8)

@@ -1,0 +1,191 @@
+"""The one module that composes the stages: ingest -> normalize -> infer -> store -> report.
+
+`Scorer.score_tree` streams files in batches, so memory stays flat however
+large the folder is. Each file ends as scored, skipped or failed with its
+reason; no exception from one file stops the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchcxr.domain import FailStage, ImageStatus, PreparedImage, Rejection, SourceFile, FileKind
+from batchcxr.infer.models import LoadedModel, load_model
+from batchcxr.infer.predict import CamRunner, run_models
+from batchcxr.ingest.files import read_source, walk
+from batchcxr.normalize.prepare import prepare
+from batchcxr.report.overlay import blend_heatmap, display_image, encode_png
+from batchcxr.report.render import ReportWriter, atomic_write
+from batchcxr.settings import Settings
+from batchcxr.store.repo import ScoredImage, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    run_id: int
+    scored: int = 0
+    unchanged: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    failed: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    index_path: Path | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+
+def folder_key(path: Path, root: Path) -> str:
+    """Study key for JPEG/PNG files: their folder, relative to the scanned root."""
+    base = root if root.is_dir() else root.parent
+    try:
+        rel = path.parent.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        rel = path.parent.resolve().as_posix()
+    return f"folder:{base.resolve().name}/{rel}".rstrip("/.")
+
+
+def _digest(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(exc))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class Scorer:
+    """Holds the loaded models and settings; scores folder trees into the Store."""
+
+    def __init__(self, settings: Settings, store: Store, models: list[LoadedModel]) -> None:
+        if not models:
+            raise ValueError("at least one model is needed")
+        self.settings = settings
+        self.store = store
+        self.models = models
+        self.runners = [CamRunner.build(m) for m in models]
+        self.reports = ReportWriter(settings.reports_dir, settings.quality.lateral_views)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: Store) -> Scorer:
+        return cls(settings, store, [load_model(p) for p in settings.models])
+
+    @property
+    def versions(self) -> list[str]:
+        return [m.version for m in self.models]
+
+    # stage helpers ---------------------------------------------------------
+    def _prepare(self, path: Path, root: Path) -> tuple[SourceFile, PreparedImage | Rejection]:
+        try:
+            source, data = read_source(path)
+        except OSError as exc:
+            source = SourceFile(path, FileKind.OTHER, "", 0)
+            return source, Rejection(source, ImageStatus.FAILED, FailStage.READ, f"unreadable: {exc.strerror or exc}")
+        try:
+            return source, prepare(source, data, self.settings.quality, folder_key(path, root))
+        except Exception as exc:  # noqa: BLE001 - one bad file never stops a run
+            log.exception("%s: unexpected error while preparing", path)
+            return source, Rejection(source, ImageStatus.FAILED, FailStage.DECODE,
+                                     f"unexpected {type(exc).__name__}: {exc}", detail=_digest(exc))
+
+    def _write_images(self, item: PreparedImage, outputs) -> tuple[str, dict[str, str]]:
+        out = self.settings.reports_dir
+        stem = item.source.sha256[:24]
+        shown = display_image(item.gray, self.settings.display_size)
+        display_rel = f"images/{stem}.png"
+        atomic_write(out / display_rel, encode_png(shown))
+        overlays = {}
+        for o in outputs:
+            rel = f"images/{stem}-{o.model_name}.png"
+            atomic_write(out / rel, encode_png(blend_heatmap(shown, o.heatmap, self.settings.overlay_alpha)))
+            overlays[o.model_name] = rel
+        return display_rel, overlays
+
+    def _score_batch(self, run_id: int, batch: list[PreparedImage], summary: RunSummary, changed: set[str]) -> None:
+        import numpy as np
+
+        try:
+            per_image = run_models(self.runners, np.stack([p.model_input for p in batch]))
+        except Exception as exc:  # noqa: BLE001
+            log.exception("inference failed for a batch of %d", len(batch))
+            rejections = [Rejection(p.source, ImageStatus.FAILED, FailStage.INFER, f"inference failed: {exc}",
+                                    p.study, p.image, _digest(exc)) for p in batch]
+            self._record_rejections(run_id, rejections, summary, changed)
+            return
+        scored = []
+        for item, outputs in zip(batch, per_image):
+            display, overlays = self._write_images(item, outputs)
+            scored.append(ScoredImage(item, outputs, display, overlays))
+            changed.add(item.study.study_key)
+        self.store.record_scored(run_id, scored)
+        summary.scored += len(scored)
+
+    def _record_rejections(self, run_id: int, rejections: list[Rejection], summary: RunSummary, changed: set[str]) -> None:
+        self.store.record_rejections(run_id, rejections)
+        for r in rejections:
+            (summary.failed if r.status == ImageStatus.FAILED else summary.skipped)[r.reason] += 1
+            log.info("%s: %s (%s)", r.source.path, r.status.value, r.reason)
+            if r.study is not None:
+                changed.add(r.study.study_key)
+
+    # the run ------------------------------------------------------------------
+    def score_paths(self, root: Path, paths: Iterable[Path], *, rescore: bool = False, command: str = "score",
+                    progress: Callable[[int], None] | None = None) -> RunSummary:
+        """Score the given files (found under root) as one run."""
+        start = time.monotonic()
+        run_id = self.store.start_run(command, str(root), self.versions)
+        summary = RunSummary(run_id)
+        changed: set[str] = set()
+        seen: set[str] = set()
+        pending: list[PreparedImage] = []
+        chunk: list[tuple[SourceFile, PreparedImage | Rejection]] = []
+        batch_size = self.settings.batch_size
+
+        def flush_chunk() -> None:
+            done = set() if rescore else self.store.already_done(
+                [s.sha256 for s, _ in chunk if s.sha256], self.versions)
+            rejections = []
+            for source, result in chunk:
+                if source.sha256 and (source.sha256 in done or source.sha256 in seen):
+                    summary.unchanged += 1
+                    continue
+                if source.sha256:
+                    seen.add(source.sha256)
+                (rejections if isinstance(result, Rejection) else pending).append(result)
+            if rejections:
+                self._record_rejections(run_id, rejections, summary, changed)
+            chunk.clear()
+
+        try:
+            for path in paths:
+                chunk.append(self._prepare(path, root))
+                if progress:
+                    progress(1)
+                if len(chunk) >= batch_size:
+                    flush_chunk()
+                while len(pending) >= batch_size:
+                    self._score_batch(run_id, pending[:batch_size], summary, changed)
+                    del pending[:batch_size]
+            flush_chunk()
+            if pending:
+                self._score_batch(run_id, pending, summary, changed)
+            status = "finished"
+        except BaseException:
+            status = "interrupted"
+            raise
+        finally:
+            summary.seconds = time.monotonic() - start
+            self.store.finish_run(run_id, scored=summary.scored, skipped=sum(summary.skipped.values()),
+                                  failed=sum(summary.failed.values()), unchanged=summary.unchanged,
+                                  seconds=summary.seconds, status=status)
+        summary.index_path = self.reports.write_all(self.store, changed, run_id)
+        return summary
+
+    def score_tree(self, root: Path, **kwargs) -> RunSummary:
+        paths = list(walk(root))
+        return self.score_paths(root, paths, **kwargs)

@@ -1,0 +1,1 @@
+"""Rendering: Grad-CAM overlays (pure, overlay.py) and HTML reports (render.py)."""

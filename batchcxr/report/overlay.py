@@ -1,0 +1,47 @@
+"""Display images and Grad-CAM overlays, pure numpy/OpenCV (no file I/O)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def display_image(gray: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrink a uint8 grayscale image so its longest side is at most max_side (aspect kept)."""
+    h, w = gray.shape
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return gray
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+
+
+def blend_heatmap(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a [0, 1] heatmap, colour-mapped (JET), over a grayscale image.
+
+    The heatmap covers the whole (squashed) model input, so stretching it to
+    the display image's shape puts each cell back over the anatomy it saw.
+    Where the map is zero the image shows through unchanged.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 (rows, columns, 3) image in BGR order (OpenCV's, for cv2.imencode).
+    """
+    if gray.ndim != 2 or heatmap.ndim != 2:
+        raise ValueError(f"gray and heatmap must be 2-D, found {gray.shape} and {heatmap.shape}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], found {alpha}")
+    h, w = gray.shape
+    heat = cv2.resize(np.clip(heatmap, 0, 1).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
+    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR).astype(np.float32)
+    weight = (alpha * heat)[..., None]
+    return np.rint(base * (1 - weight) + colour * weight).astype(np.uint8)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()

@@ -1,0 +1,128 @@
+"""One typed settings object, built once at the edge and passed down.
+
+Sources, later ones win: defaults < TOML config file (table ``[batchcxr]``,
+sub-table ``[batchcxr.quality]``) < environment (``BATCHCXR_<FIELD>``) <
+command-line options.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from batchcxr.errors import ConfigError
+from batchcxr.paths import MODELS_DIR
+
+SECONDARY_CAPTURE_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+        "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+        "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+    }
+)
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """The quality gate run before scoring; a failed check marks the image "skipped"."""
+
+    modalities: tuple[str, ...] = ("CR", "DX")
+    """DICOM Modality values scored as chest radiographs."""
+    accept_secondary_capture: bool = True
+    """Score DICOM Secondary Capture images whatever their Modality."""
+    lateral_views: tuple[str, ...] = ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD")
+    """ViewPosition values skipped as lateral views."""
+    min_size: int = 64
+    """Images with fewer rows or columns are skipped."""
+    max_pixels: int = 80_000_000
+    """Refuse (fail) images whose declared rows x columns x frames x samples exceed this, before decoding."""
+    allow_multiframe: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `batchcxr score` needs."""
+
+    db_url: str = "sqlite:///batchcxr.sqlite"
+    """SQLAlchemy URL or a plain file path (taken as SQLite)."""
+    reports_dir: Path = Path("batchcxr-reports")
+    models: tuple[Path, ...] = (MODELS_DIR / "cnn", MODELS_DIR / "mobilenetv2")
+    batch_size: int = 32
+    display_size: int = 512
+    """Longest side of the images shown in reports, in pixels."""
+    overlay_alpha: float = 0.45
+    quality: QualitySettings = field(default_factory=QualitySettings)
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if "://" in self.db_url:
+            return self.db_url
+        return f"sqlite:///{Path(self.db_url).expanduser().resolve()}"
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Convert a config or environment value to the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            kind = type(default[0]) if default else str
+            return tuple(kind(v.strip()) if isinstance(v, str) else kind(v) for v in items if str(v).strip())
+        if isinstance(default, Path):
+            return Path(value).expanduser()
+        return type(default)(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: cannot use {value!r} ({exc})") from exc
+
+
+def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in known:
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        current = getattr(obj, key)
+        if key == "models":
+            changes[key] = tuple(Path(v).expanduser() for v in (value.split(",") if isinstance(value, str) else value))
+        elif isinstance(current, QualitySettings):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key} must be a table")
+            changes[key] = _merge(current, value, f"{where} [{key}]")
+        else:
+            changes[key] = _coerce(key, value, current)
+    return replace(obj, **changes)
+
+
+def load_settings(
+    config: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Build Settings from defaults, a TOML file, the environment and overrides (None values ignored)."""
+    settings = Settings()
+    if config is not None:
+        try:
+            data = tomllib.loads(Path(config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{config}: {exc}") from exc
+        settings = _merge(settings, data.get("batchcxr", {}), str(config))
+    env = os.environ if environ is None else environ
+    from_env = {
+        f.name: env[f"BATCHCXR_{f.name.upper()}"]
+        for f in fields(Settings)
+        if f"BATCHCXR_{f.name.upper()}" in env and f.name != "quality"
+    }
+    settings = _merge(settings, from_env, "environment")
+    settings = _merge(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
+    if settings.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, found {settings.batch_size}")
+    return settings

@@ -1,0 +1,1 @@
+"""Results database: SQLAlchemy 2 models, Alembic migrations, and the Store that reads and writes."""

@@ -1,0 +1,185 @@
+"""The Store: every read and write of results goes through here (no SQL elsewhere)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, selectinload
+
+from batchcxr.domain import ImageStatus, ModelOutput, PreparedImage, Rejection, StudyInfo
+from batchcxr.store.db import make_engine, migrate
+from batchcxr.store.schema import ErrorRecord, Image, Prediction, Run, Study, utcnow
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    """What the pipeline hands the store for one scored image."""
+
+    prepared: PreparedImage
+    outputs: list[ModelOutput]
+    display_path: str
+    overlay_paths: dict[str, str]
+
+
+class Store:
+    """Results database over one engine; each public write is one transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """Connect and bring the schema up to date."""
+        engine = make_engine(url)
+        migrate(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # runs -------------------------------------------------------------
+    def start_run(self, command: str, source: str, model_versions: Sequence[str]) -> int:
+        with self.session() as s, s.begin():
+            run = Run(command=command, source=source, model_versions=list(model_versions))
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def finish_run(self, run_id: int, *, scored: int, skipped: int, failed: int, unchanged: int,
+                   seconds: float, status: str = "finished") -> None:
+        with self.session() as s, s.begin():
+            run = s.get(Run, run_id)
+            run.finished_at = utcnow()
+            run.status, run.seconds = status, seconds
+            run.scored, run.skipped, run.failed, run.unchanged = scored, skipped, failed, unchanged
+
+    def get_run(self, run_id: int) -> Run | None:
+        with self.session() as s:
+            return s.get(Run, run_id)
+
+    def latest_run(self) -> Run | None:
+        with self.session() as s:
+            return s.scalars(select(Run).order_by(Run.id.desc()).limit(1)).first()
+
+    # idempotency ------------------------------------------------------
+    def already_done(self, sha256s: Iterable[str], model_versions: Sequence[str]) -> set[str]:
+        """Hashes needing no work: scored by every given model version, or skipped/failed before."""
+        hashes = list(set(sha256s))
+        done: set[str] = set()
+        with self.session() as s:
+            for i in range(0, len(hashes), 500):
+                chunk = hashes[i : i + 500]
+                rows = s.execute(
+                    select(Image.content_sha256, Image.status, func.count(Prediction.id))
+                    .outerjoin(Prediction, (Prediction.image_id == Image.id)
+                               & Prediction.model_version.in_(list(model_versions)))
+                    .where(Image.content_sha256.in_(chunk))
+                    .group_by(Image.id)
+                ).all()
+                for sha, status, n in rows:
+                    if status != ImageStatus.SCORED.value or n >= len(model_versions):
+                        done.add(sha)
+        return done
+
+    # writes -----------------------------------------------------------
+    @staticmethod
+    def _study(s: Session, info: StudyInfo) -> Study:
+        study = s.scalars(select(Study).where(Study.study_key == info.study_key)).first()
+        if study is None:
+            study = Study(study_key=info.study_key)
+            s.add(study)
+        for field in ("patient_name", "patient_id", "accession_number", "study_date", "study_description"):
+            value = getattr(info, field)
+            if value:
+                setattr(study, field, value)
+        study.updated_at = utcnow()
+        return study
+
+    @staticmethod
+    def _image(s: Session, sha256: str) -> Image:
+        image = s.scalars(select(Image).where(Image.content_sha256 == sha256)).first()
+        if image is None:
+            image = Image(content_sha256=sha256)
+            s.add(image)
+        return image
+
+    def record_scored(self, run_id: int, items: Sequence[ScoredImage]) -> None:
+        with self.session() as s, s.begin():
+            for item in items:
+                p = item.prepared
+                study = self._study(s, p.study)
+                image = self._image(s, p.source.sha256)
+                image.study = study
+                image.path, image.kind = str(p.source.path), p.source.kind.value
+                image.sop_instance_uid, image.modality = p.image.sop_instance_uid, p.image.modality
+                image.view_position, image.rows, image.columns = p.image.view_position, p.image.rows, p.image.columns
+                image.status, image.reason = ImageStatus.SCORED.value, ""
+                image.qc_notes = "; ".join(p.qc_notes)
+                image.display_path = item.display_path
+                image.updated_at = utcnow()
+                s.flush()
+                for out in item.outputs:
+                    pred = s.scalars(select(Prediction).where(
+                        Prediction.image_id == image.id, Prediction.model_version == out.model_version)).first()
+                    if pred is None:
+                        pred = Prediction(image_id=image.id, model_version=out.model_version)
+                        s.add(pred)
+                    pred.run_id, pred.model_name = run_id, out.model_name
+                    pred.probability, pred.label, pred.threshold = out.probability, out.label, out.threshold
+                    pred.heatmap_path = item.overlay_paths.get(out.model_name, "")
+                    pred.created_at = utcnow()
+
+    def record_rejections(self, run_id: int, rejections: Sequence[Rejection]) -> None:
+        with self.session() as s, s.begin():
+            for r in rejections:
+                s.add(ErrorRecord(run_id=run_id, path=str(r.source.path), content_sha256=r.source.sha256,
+                                  status=r.status.value, stage=r.stage.value, reason=r.reason, detail=r.detail))
+                if r.study is None or not r.source.sha256:
+                    continue  # not recognisable as an image: the error row is the record
+                image = self._image(s, r.source.sha256)
+                image.study = self._study(s, r.study)
+                image.path, image.kind = str(r.source.path), r.source.kind.value
+                if r.image is not None:
+                    image.sop_instance_uid, image.modality = r.image.sop_instance_uid, r.image.modality
+                    image.view_position, image.rows, image.columns = r.image.view_position, r.image.rows, r.image.columns
+                image.status, image.reason = r.status.value, r.reason
+                image.updated_at = utcnow()
+
+    # reads ------------------------------------------------------------
+    def studies(self, keys: Iterable[str] | None = None) -> list[Study]:
+        """Studies with their images and predictions loaded."""
+        with self.session() as s:
+            q = select(Study).options(selectinload(Study.images).selectinload(Image.predictions))
+            if keys is not None:
+                q = q.where(Study.study_key.in_(list(keys)))
+            return list(s.scalars(q).all())
+
+    def errors(self, run_id: int | None = None) -> list[ErrorRecord]:
+        with self.session() as s:
+            q = select(ErrorRecord).order_by(ErrorRecord.id)
+            if run_id is not None:
+                q = q.where(ErrorRecord.run_id == run_id)
+            return list(s.scalars(q).all())
+
+    def prediction_rows(self) -> list[dict[str, Any]]:
+        """One flat row per prediction, for export."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Study.study_key, Study.patient_id, Study.patient_name, Study.accession_number,
+                       Study.study_date, Image.path, Image.content_sha256, Image.sop_instance_uid,
+                       Prediction.model_name, Prediction.model_version, Prediction.probability,
+                       Prediction.label, Prediction.threshold, Prediction.created_at)
+                .join(Image, Image.study_id == Study.id)
+                .join(Prediction, Prediction.image_id == Image.id)
+                .order_by(Study.study_key, Image.path, Prediction.model_name)
+            ).mappings().all()
+        return [
+            {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()} for row in rows
+        ]

@@ -1,0 +1,1 @@
+"""Model building and training (TensorFlow/Keras). Not imported by scoring."""

@@ -1,0 +1,116 @@
+"""The two model architectures. Both take (224, 224, 1) float32 0..255 input.
+
+Layer names the scoring path relies on:
+
+- ``cam_features``: the activations Grad-CAM uses (CNN: last Conv2D block
+  after ReLU; MobileNetV2: ``out_relu``, the last conv block).
+- ``pneumonia``: the sigmoid output, P(PNEUMONIA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CAM_LAYER = {"cnn": "cam_features", "mobilenetv2": "out_relu"}
+OUTPUT_LAYER = "pneumonia"
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (the reference notebook's kinds, with real strength)."""
+
+    zoom: float = 0.15
+    shear: float = 0.1
+    """Keras RandomShear factor (fraction of the image side, not degrees)."""
+    horizontal_flip: bool = True
+
+
+def build_augmenter(cfg: AugmentConfig, seed: int):
+    import keras
+
+    steps = []
+    if cfg.zoom > 0:
+        steps.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="constant", seed=seed))
+    if cfg.shear > 0:
+        steps.append(keras.layers.RandomShear(cfg.shear, cfg.shear, fill_mode="constant", seed=seed))
+    if cfg.horizontal_flip:
+        steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    return keras.Sequential(steps, name="augment")
+
+
+def build_cnn(dropout: float = 0.5, dense_units: int = 64):
+    """The reference notebook's CNN family: 3 x (Conv2D + MaxPooling), Dense + dropout, sigmoid.
+
+    The first convolution has stride 2 and each block uses batch normalization,
+    which keeps the Flatten -> Dense layer small (14 x 14 x 128 inputs).
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((224, 224, 1), name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
+    for i, (filters, stride) in enumerate(((32, 2), (64, 1), (128, 1)), start=1):
+        x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.ReLU(name="cam_features" if i == 3 else f"relu{i}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(dense_units, activation="relu", name="dense")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER)(x)
+    return keras.Model(inputs, outputs, name="cnn")
+
+
+def build_mobilenetv2(tflite_path: Path | None, dropout: float = 0.2):
+    """ImageNet MobileNetV2 backbone (top removed) + GlobalAveragePooling + Dropout + Dense(sigmoid).
+
+    The grayscale input is replicated to three channels and scaled to [-1, 1]
+    inside the graph. With ``tflite_path`` None the backbone stays random
+    (only for loading saved weights over it).
+    """
+    import keras
+    from keras import layers
+
+    from batchcxr.training.imagenet import load_imagenet_weights
+
+    inputs = keras.Input((224, 224, 1), name="image")
+    x = layers.Concatenate(name="to_rgb")([inputs, inputs, inputs])
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(x)
+    backbone = keras.applications.MobileNetV2(
+        input_tensor=x, include_top=False, weights=None, alpha=1.0
+    )
+    if tflite_path is not None:
+        load_imagenet_weights(backbone, tflite_path)
+    features = backbone.output  # out_relu, 7 x 7 x 1280
+    y = layers.GlobalAveragePooling2D(name="gap")(features)
+    y = layers.Dropout(dropout, name="dropout")(y)
+    outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER)(y)
+    model = keras.Model(inputs, outputs, name="mobilenetv2")
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False  # Keras 3: fit() would otherwise use batch statistics
+    return model
+
+
+def set_trainable_from(model, first_layer: str | None) -> int:
+    """Freeze the backbone below ``first_layer`` (None: freeze all of it); BN stays frozen.
+
+    Returns the number of trainable weight tensors.
+    """
+    import keras
+
+    trainable_names = {"gap", "dropout", OUTPUT_LAYER}
+    seen = False
+    for layer in model.layers:
+        if first_layer is not None and layer.name == first_layer:
+            seen = True
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+        elif layer.name in trainable_names:
+            layer.trainable = True
+        else:
+            layer.trainable = seen
+    if first_layer is not None and not seen:
+        raise ValueError(f"no layer named {first_layer!r} in {model.name}")
+    return len(model.trainable_weights)

@@ -1,0 +1,280 @@
+"""`batchcxr train`: train one model on a Kaggle-layout folder and write models/NAME/.
+
+Only the train split is read. A patient-level, stratified, seeded validation
+split is carved out of it; epochs (early stopping), learning-rate drops and the
+decision threshold are chosen on that split alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from batchcxr.evaluation.metrics import binary_metrics, choose_threshold
+from batchcxr.modelcard import WEIGHTS_FILE, model_version, sha256_file, write_card
+from batchcxr.normalize.contract import CONTRACT
+from batchcxr.training.architectures import (
+    AugmentConfig,
+    build_augmenter,
+    build_cnn,
+    build_mobilenetv2,
+    set_trainable_from,
+)
+from batchcxr.training.data import (
+    CLASSES,
+    file_list_sha256,
+    limit_per_class,
+    list_split,
+    load_images,
+    patient_split,
+)
+
+log = logging.getLogger(__name__)
+
+ModelName = Literal["cnn", "mobilenetv2"]
+DATA_SOURCE = (
+    "Kermany, Zhang, Goldbaum: Chest X-Ray Images (Pneumonia), Mendeley Data v2 (2018), "
+    "CC BY 4.0; Kaggle train split at 224 px"
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run."""
+
+    model: ModelName
+    data_dir: Path
+    out_dir: Path
+    seed: int = 42
+    val_fraction: float = 0.15
+    batch_size: int = 32
+    epochs: int = 20
+    """Upper bound; early stopping on validation AUC picks the epoch actually kept."""
+    learning_rate: float = 1e-3
+    """CNN: Adam learning rate. MobileNetV2: fine-tuning rate (the head uses head_learning_rate)."""
+    patience: int = 4
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    dropout: float | None = None
+    head_epochs: int = 40
+    head_learning_rate: float = 1e-3
+    fine_tune_from: str = "block_13_expand"
+    tflite_path: Path | None = None
+    threshold_rule: str = "youden"
+    limit_per_class: int | None = None
+    """Use at most this many images per class (quick runs, tests)."""
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    threshold: float
+    validation_metrics: dict[str, Any]
+    epochs_run: int
+    seconds: float
+
+
+def _class_weight(y: np.ndarray) -> dict[int, float]:
+    n = len(y)
+    counts = np.bincount(y.astype(int), minlength=2)
+    return {k: float(n / (2 * max(c, 1))) for k, c in enumerate(counts)}
+
+
+def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augmenter=None):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if augmenter is not None:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch).map(lambda a, b: (tf.cast(a, tf.float32), b))
+    if augmenter is not None:
+        ds = ds.map(lambda a, b: (augmenter(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _callbacks(patience: int):
+    import keras
+
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=patience, restore_best_weights=True
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.3, patience=max(1, patience // 2), min_lr=1e-6
+        ),
+    ]
+
+
+def _compile(model, lr: float) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc"), "accuracy"],
+    )
+
+
+def _fit(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va, epochs: int, lr: float) -> int:
+    _compile(model, lr)
+    history = model.fit(
+        _dataset(x_tr, y_tr, cfg.batch_size, cfg.seed, build_augmenter(cfg.augment, cfg.seed)),
+        validation_data=_dataset(x_va, y_va, cfg.batch_size, cfg.seed),
+        epochs=epochs,
+        class_weight=_class_weight(y_tr),
+        callbacks=_callbacks(cfg.patience),
+        verbose=1,
+    )
+    return len(history.history["loss"])
+
+
+def _train_mobilenetv2_head(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va) -> int:
+    """Phase 1: fit the head on cached backbone features (frozen backbone, no augmentation)."""
+    import keras
+
+    features = keras.Model(model.input, model.get_layer("gap").output)
+    log.info("caching backbone features for %d + %d images", len(x_tr), len(x_va))
+    f_tr = features.predict(x_tr.astype(np.float32), batch_size=64, verbose=1)
+    f_va = features.predict(x_va.astype(np.float32), batch_size=64, verbose=1)
+    dense = model.get_layer("pneumonia")
+    head = keras.Sequential(
+        [
+            keras.Input((f_tr.shape[1],)),
+            keras.layers.Dropout(model.get_layer("dropout").rate),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    _compile(head, cfg.head_learning_rate)
+    history = head.fit(
+        f_tr,
+        y_tr,
+        validation_data=(f_va, y_va),
+        epochs=cfg.head_epochs,
+        batch_size=cfg.batch_size,
+        class_weight=_class_weight(y_tr),
+        callbacks=_callbacks(cfg.patience * 2),
+        verbose=2,
+    )
+    dense.set_weights(head.layers[-1].get_weights())
+    return len(history.history["loss"])
+
+
+def _build(cfg: TrainConfig):
+    if cfg.model == "cnn":
+        return build_cnn(**({"dropout": cfg.dropout} if cfg.dropout is not None else {}))
+    if cfg.model == "mobilenetv2":
+        if cfg.tflite_path is None:
+            raise ValueError("mobilenetv2 needs tflite_path (the ImageNet weights)")
+        return build_mobilenetv2(cfg.tflite_path, **({"dropout": cfg.dropout} if cfg.dropout is not None else {}))
+    raise ValueError(f"unknown model {cfg.model!r} (cnn or mobilenetv2)")
+
+
+def _library_versions() -> dict[str, str]:
+    import cv2
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+    }
+
+
+def _architecture_summary(model, cfg: TrainConfig) -> str:
+    if cfg.model == "cnn":
+        return (
+            "3 x (Conv2D 3x3 [32 stride 2, 64, 128] + BatchNorm + ReLU + MaxPool 2), Flatten, "
+            f"Dense {model.get_layer('dense').units} ReLU, Dropout {model.get_layer('dropout').rate}, "
+            "Dense 1 sigmoid; Grad-CAM layer cam_features (last conv block)"
+        )
+    return (
+        "MobileNetV2 alpha 1.0, ImageNet weights (dequantized from the int8 TFLite copy), top removed; "
+        f"GlobalAveragePooling, Dropout {model.get_layer('dropout').rate}, Dense 1 sigmoid; "
+        f"fine-tuned from {cfg.fine_tune_from} up, BatchNorm frozen; Grad-CAM layer out_relu"
+    )
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train, choose the threshold on validation, save weights and the model card."""
+    import keras
+
+    start = time.monotonic()
+    keras.utils.set_random_seed(cfg.seed)
+    items = list_split(cfg.data_dir)
+    if cfg.limit_per_class:
+        items = limit_per_class(items, cfg.limit_per_class, cfg.seed)
+    train_items, val_items = patient_split(items, cfg.val_fraction, cfg.seed)
+    log.info("train %d images, validation %d images (patient-level split)", len(train_items), len(val_items))
+    x_tr, y_tr = load_images(train_items)
+    x_va, y_va = load_images(val_items)
+
+    model = _build(cfg)
+    epochs_run = 0
+    if cfg.model == "mobilenetv2":
+        set_trainable_from(model, None)
+        epochs_run += _train_mobilenetv2_head(model, cfg, x_tr, y_tr, x_va, y_va)
+        set_trainable_from(model, cfg.fine_tune_from)
+    if cfg.epochs > 0:
+        epochs_run += _fit(model, cfg, x_tr, y_tr, x_va, y_va, cfg.epochs, cfg.learning_rate)
+
+    val_scores = model.predict(x_va.astype(np.float32), batch_size=64, verbose=0).ravel()
+    threshold = choose_threshold(y_va, val_scores, cfg.threshold_rule)
+    val_metrics = binary_metrics(y_va, val_scores, threshold)
+    log.info("validation: %s", json.dumps(val_metrics))
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS_FILE
+    model.save(weights)
+    digest = sha256_file(weights)
+    root = Path(cfg.data_dir)
+    counts = lambda its: {c: sum(1 for i in its if i.label == k) for k, c in enumerate(CLASSES)}  # noqa: E731
+    hyper = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in asdict(cfg).items()
+        if k not in ("data_dir", "out_dir", "tflite_path", "augment")
+    }
+    hyper["augment"] = asdict(cfg.augment)
+    hyper["optimizer"] = "Adam"
+    hyper["loss"] = "binary_crossentropy, class-weighted (n / (2 n_class))"
+    hyper["epochs_run"] = epochs_run
+    card = {
+        "name": out.name,
+        "model": cfg.model,
+        "version": model_version(out.name, digest),
+        "architecture": {"summary": _architecture_summary(model, cfg), "parameters": int(model.count_params())},
+        "preprocessing": CONTRACT.as_dict(),
+        "output": "P(PNEUMONIA), sigmoid; label PNEUMONIA when probability >= threshold",
+        "threshold": {
+            "value": threshold,
+            "rule": cfg.threshold_rule,
+            "chosen_on": "the patient-level validation split of train (test never used)",
+        },
+        "training_data": {
+            "source": DATA_SOURCE,
+            "root": root.name,
+            "train_counts": counts(train_items),
+            "val_counts": counts(val_items),
+            "split": f"stratified by class, grouped by patient, val_fraction {cfg.val_fraction}, seed {cfg.seed}",
+            "file_list_sha256": file_list_sha256(items, root),
+        },
+        "hyperparameters": hyper,
+        "validation_metrics": val_metrics,
+        "test_metrics": None,
+        "library_versions": _library_versions(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "weights": {"file": WEIGHTS_FILE, "sha256": digest},
+        "training_seconds": round(time.monotonic() - start, 1),
+    }
+    write_card(out, card)
+    return TrainResult(out, threshold, val_metrics, epochs_run, time.monotonic() - start)

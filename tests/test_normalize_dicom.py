@@ -1,0 +1,138 @@
+"""Real DICOM files in each transfer syntax, through the scoring path's normalization."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from batchcxr.dicomwrite import base_dataset, write_dicom
+from batchcxr.domain import FileKind, ImageStatus, PreparedImage, Rejection
+from batchcxr.ingest.files import read_source
+from batchcxr.normalize.prepare import prepare
+from batchcxr.settings import QualitySettings
+
+from tests.dicoms import chest_like, dicom_file
+
+Q = QualitySettings()
+LOSSLESS = ["implicit", "explicit", "deflated", "rle", "jpeg-lossless", "jpeg-ls", "j2k-lossless"]
+LOSSY = ["jpeg-baseline", "jpeg-extended", "jpeg-ls-near", "j2k"]
+# The decoder plugin the README names for each compressed syntax (proves it works without GDCM).
+PLUGIN = {"rle": "pylibjpeg", "jpeg-lossless": "pylibjpeg", "jpeg-baseline": "pylibjpeg",
+          "jpeg-extended": "pylibjpeg", "jpeg-ls": "pyjpegls", "jpeg-ls-near": "pyjpegls",
+          "j2k-lossless": "pylibjpeg", "j2k": "pylibjpeg"}
+
+
+def _prepare(path: Path):
+    source, data = read_source(path)
+    return prepare(source, data, Q, "folder:test")
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS + LOSSY)
+def test_each_transfer_syntax_decodes_to_the_same_picture(tmp_path, syntax):
+    pixels = chest_like()
+    result = _prepare(dicom_file(tmp_path / f"{syntax}.dcm", pixels, syntax))
+    assert isinstance(result, PreparedImage), getattr(result, "reason", "")
+    assert result.source.kind == FileKind.DICOM
+    # no window in the file: min..max stretch, so compare against the stretched original
+    lo, hi = int(pixels.min()), int(pixels.max())
+    expected = np.rint((pixels.astype(float) - lo) / (hi - lo) * 255)
+    err = np.abs(result.gray.astype(float) - expected)
+    if syntax in LOSSLESS:
+        assert err.max() <= 1
+    else:  # lossy: same picture, compression noise allowed
+        assert np.corrcoef(result.gray.ravel(), expected.ravel())[0, 1] > 0.95
+    assert result.model_input.shape == (224, 224, 1)
+
+
+@pytest.mark.parametrize("syntax", sorted(PLUGIN))
+def test_named_decoder_plugins_decode_without_gdcm(tmp_path, syntax):
+    path = dicom_file(tmp_path / "x.dcm", chest_like(), syntax)
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array if syntax == "rle" else None
+    from pydicom.pixels import pixel_array
+
+    arr = pixel_array(ds, decoding_plugin=PLUGIN[syntax])
+    assert arr.shape == (320, 280)
+
+
+def test_sixteen_bit_monochrome1_and_window_all_match(tmp_path):
+    pixels = chest_like()
+    plain = _prepare(dicom_file(tmp_path / "a.dcm", pixels))
+    sixteen = _prepare(dicom_file(tmp_path / "b.dcm", pixels.astype(np.uint16) * 257))
+    mono1 = _prepare(dicom_file(tmp_path / "c.dcm", (255 - pixels).astype(np.uint16) * 16, bits_stored=12,
+                                photometric="MONOCHROME1"))
+    lo, hi = int(pixels.min()), int(pixels.max())
+    windowed = _prepare(dicom_file(tmp_path / "d.dcm", pixels.astype(np.uint16) * 16 + 1000, bits_stored=16,
+                                   WindowCenter=(lo + hi) / 2 * 16 + 1000 + 8, WindowWidth=(hi - lo) * 16 + 1))
+    for other in (sixteen, mono1, windowed):
+        assert isinstance(other, PreparedImage), getattr(other, "reason", "")
+        assert np.abs(other.gray.astype(int) - plain.gray.astype(int)).max() <= 2
+
+
+def test_rescale_slope_intercept_and_signed_pixels(tmp_path):
+    pixels = chest_like().astype(np.int16) * 8 - 1024  # signed, like CT-style storage
+    ds = base_dataset(pixels, bits_stored=12, RescaleSlope=2, RescaleIntercept=-100)
+    result = _prepare(write_dicom(tmp_path / "s.dcm", ds))
+    assert isinstance(result, PreparedImage)
+    ref = chest_like().astype(float)
+    corr = np.corrcoef(result.gray.ravel(), ref.ravel())[0, 1]
+    assert corr > 0.99
+
+
+def test_rgb_secondary_capture(tmp_path):
+    from batchcxr.dicomwrite import SECONDARY_CAPTURE
+
+    gray = chest_like()
+    ds = base_dataset(gray, modality="OT", sop_class=SECONDARY_CAPTURE)
+    rgb = np.dstack([gray] * 3)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = rgb.tobytes()
+    result = _prepare(write_dicom(tmp_path / "rgb.dcm", ds))
+    assert isinstance(result, PreparedImage), getattr(result, "reason", "")
+    assert np.abs(result.gray.astype(int) - gray).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "attrs, reason",
+    [
+        ({"ViewPosition": "LL"}, "lateral view"),
+        ({"modality": "CT"}, "modality CT is not chest radiography"),
+        ({"NumberOfFrames": 2}, "multi-frame"),
+    ],
+)
+def test_quality_gate_skips(tmp_path, attrs, reason):
+    pixels = chest_like()
+    if "NumberOfFrames" in attrs:
+        pixels = np.concatenate([pixels, pixels])  # two frames' worth of data
+        ds = base_dataset(pixels)
+        ds.Rows = 320
+        ds.NumberOfFrames = 2
+        path = write_dicom(tmp_path / "m.dcm", ds)
+    else:
+        path = dicom_file(tmp_path / "g.dcm", pixels, **attrs)
+    result = _prepare(path)
+    assert isinstance(result, Rejection) and result.status == ImageStatus.SKIPPED
+    assert reason in result.reason
+
+
+def test_small_image_skipped(tmp_path):
+    result = _prepare(dicom_file(tmp_path / "s.dcm", chest_like(40, 300)))
+    assert isinstance(result, Rejection) and "too small" in result.reason
+
+
+def test_pixel_limit_refuses_before_decoding(tmp_path):
+    ds = base_dataset(chest_like())
+    ds.Rows, ds.Columns = 60000, 60000  # declared 3.6e9 pixels; data is tiny
+    result = _prepare(write_dicom(tmp_path / "huge.dcm", ds))
+    assert isinstance(result, Rejection) and result.status == ImageStatus.FAILED
+    assert "too large" in result.reason and "not decoded" in result.reason
+
+
+def test_structured_report_is_skipped(tmp_path):
+    ds = base_dataset(chest_like())
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    del ds.PixelData
+    result = _prepare(write_dicom(tmp_path / "sr.dcm", ds))
+    assert isinstance(result, Rejection) and "non-image object (structured report" in result.reason

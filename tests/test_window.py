@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+
+from batchcxr.normalize.window import apply_window, rescale_to_unit, rgb_to_gray, to_uint8
+
+
+def test_linear_window_matches_dicom_formula():
+    # PS3.3 C.11.2.1.2.1: x <= c - 0.5 - (w-1)/2 -> 0; x > c - 0.5 + (w-1)/2 -> 1
+    c, w = 100.0, 51.0
+    x = np.array([0, 74.5, 100, 124.5, 200], dtype=float)
+    out = apply_window(x, c, w)
+    assert out[0] == 0 and out[-1] == 1
+    assert out[1] == pytest.approx(0.0)
+    assert out[2] == pytest.approx(((100 - 99.5) / 50) + 0.5)
+    assert out[3] == pytest.approx(1.0)
+
+
+def test_linear_exact_and_sigmoid():
+    x = np.array([0.0, 50.0, 100.0])
+    assert apply_window(x, 50, 100, "LINEAR_EXACT").tolist() == pytest.approx([0.0, 0.5, 1.0])
+    assert apply_window(x, 50, 100, "SIGMOID")[1] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("width", [0, -5])
+def test_bad_width(width):
+    with pytest.raises(ValueError, match="window width"):
+        apply_window(np.zeros(3), 10, width)
+
+
+def test_monochrome1_inversion_twice_is_identity():
+    unit = rescale_to_unit(np.arange(256))
+    once = to_uint8(unit, invert=True)
+    assert once[0] == 255 and once[-1] == 0
+    assert np.array_equal(to_uint8(1 - unit, invert=True), to_uint8(unit))
+
+
+def test_rescale_flat_image_is_zero():
+    assert rescale_to_unit(np.full((4, 4), 7)).max() == 0
+
+
+def test_rgb_to_gray_on_grey_pixels():
+    rgb = np.dstack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3)
+    assert np.array_equal(rgb_to_gray(rgb), rgb[..., 0])
