@@ -50,16 +50,20 @@ def main(verbose: bool) -> None:
 @click.option("--zoom", type=float, default=0.15, show_default=True)
 @click.option("--shear", type=float, default=0.1, show_default=True, help="Keras RandomShear factor.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")
+@click.option("--rotation", type=float, default=0.0, show_default=True, help="RandomRotation (fraction of a turn).")
+@click.option("--translation", type=float, default=0.0, show_default=True)
+@click.option("--contrast", type=float, default=0.0, show_default=True, help="RandomContrast factor.")
+@click.option("--brightness", type=float, default=0.0, show_default=True, help="RandomBrightness factor.")
 @click.option("--fine-tune-from", default="block_13_expand", show_default=True,
               help="MobileNetV2: first backbone layer to unfreeze.")
 @click.option("--head-epochs", type=int, default=40, show_default=True)
-@click.option("--threshold-rule", default="youden", show_default=True, help="youden or recall:R.")
+@click.option("--threshold-rule", default="eer", show_default=True, help="eer, youden or recall:R.")
 @click.option("--limit-per-class", type=int, default=None, help="Quick runs: at most N images per class.")
 @click.option("--imagenet-tflite", "tflite_path", type=click.Path(path_type=Path), default=DEFAULT_TFLITE,
               show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
-          flip: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
+          flip: bool, rotation: float, translation: float, contrast: float, brightness: float, fine_tune_from: str, head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
     from batchcxr.training.architectures import AugmentConfig
@@ -78,7 +82,8 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         epochs=default_epochs if epochs is None else epochs,
         learning_rate=default_lr if learning_rate is None else learning_rate,
         patience=patience,
-        augment=AugmentConfig(zoom=zoom, shear=shear, horizontal_flip=flip),
+        augment=AugmentConfig(zoom=zoom, shear=shear, horizontal_flip=flip, rotation=rotation,
+                              translation=translation, contrast=contrast, brightness=brightness),
         head_epochs=head_epochs,
         fine_tune_from=fine_tune_from,
         tflite_path=tflite_path if model_name == "mobilenetv2" else None,
@@ -91,6 +96,38 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         f"threshold {result.threshold:.4f}; validation accuracy {result.validation_metrics['accuracy']:.4f}, "
         f"AUC {result.validation_metrics['roc_auc']:.4f}"
     )
+
+
+@main.command("export-model")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+def export_model(model_dir: Path) -> None:
+    """(Re)write a model's ONNX scoring graph from its Keras weights and record it in the card."""
+    from batchcxr.infer.models import load_model
+    from batchcxr.modelcard import write_card
+    from batchcxr.training.train import export_scoring
+
+    model = load_model(model_dir)
+    card = dict(model.card)
+    card["scoring"] = export_scoring(model.keras_model, card["model"], model_dir)
+    write_card(model_dir, card)
+    click.echo(f"wrote {model_dir / card['scoring']['file']} ({card['scoring']['sha256'][:12]})")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The training data (Kaggle root or its train folder).")
+@click.option("--rule", default="eer", show_default=True, help="eer, youden or recall:R.")
+def threshold(model_dir: Path, data_dir: Path, rule: str) -> None:
+    """Re-choose a model's threshold on its validation split; clears its test metrics."""
+    from batchcxr.training.threshold import rethreshold
+
+    if (data_dir / "train").is_dir():
+        data_dir = data_dir / "train"
+    card = rethreshold(model_dir, data_dir, rule)
+    v = card["validation_metrics"]
+    click.echo(f"{card['name']}: threshold {card['threshold']['value']:.4f} ({rule}); "
+               f"validation accuracy {v['accuracy']:.4f}, AUC {v['roc_auc']:.4f}")
 
 
 @main.command()
@@ -151,8 +188,11 @@ db_option = click.option("--db", "db_url", default=None,
 @click.option("--batch-size", type=int, default=None, help="Images per model batch [default: 32].")
 @click.option("--rescore", is_flag=True, help="Score again files already scored by these model versions.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
+@click.option("--since", default=None, metavar="AGE|DATE",
+              help="Only files modified in the last AGE (24h, 90m, 7d) or since DATE (2026-11-24); "
+                   "takes the lock file so two such runs never overlap (the nightly job).")
 def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path | None,
-          batch_size: int | None, rescore: bool, progress: bool | None) -> None:
+          batch_size: int | None, rescore: bool, progress: bool | None, since: str | None) -> None:
     """Score every DICOM/JPEG/PNG image under PATH with both models; write the database and reports.
 
     \b
@@ -165,18 +205,33 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
     from batchcxr.pipeline import Scorer
     from batchcxr.store.repo import Store
 
+    from filelock import FileLock, Timeout
+
     settings = _settings(config, db_url=db_url, reports_dir=reports_dir, batch_size=batch_size)
+    cutoff = _parse_since(since) if since else None
+    lock = FileLock(str(settings.lock_file)) if since else None
     try:
-        store = Store.open(settings.sqlalchemy_url)
-        scorer = Scorer.from_settings(settings, store)
-    except Exception as exc:  # noqa: BLE001 - reported, with exit code 3
-        logging.getLogger("batchcxr").error("cannot start: %s", exc)
+        if lock is not None:
+            lock.acquire(timeout=0)
+    except Timeout:
+        logging.getLogger("batchcxr").error("another run holds %s; not starting", settings.lock_file)
         sys.exit(EXIT_CANNOT_RUN)
-    paths = list(walk(path))
-    show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(paths), unit="file", disable=not show, desc="scoring") as bar:
-        summary = scorer.score_paths(path, paths, rescore=rescore, progress=bar.update)
-    store.close()
+    try:
+        try:
+            store = Store.open(settings.sqlalchemy_url)
+            scorer = Scorer.from_settings(settings, store)
+        except Exception as exc:  # noqa: BLE001 - reported, with exit code 3
+            logging.getLogger("batchcxr").error("cannot start: %s", exc)
+            sys.exit(EXIT_CANNOT_RUN)
+        paths = [p for p in walk(path) if cutoff is None or p.stat().st_mtime >= cutoff]
+        show = sys.stderr.isatty() if progress is None else progress
+        with tqdm(total=len(paths), unit="file", disable=not show, desc="scoring") as bar:
+            summary = scorer.score_paths(path, paths, rescore=rescore, progress=bar.update,
+                                         command="score --since" if since else "score")
+        store.close()
+    finally:
+        if lock is not None:
+            lock.release()
     lines = [
         f"run #{summary.run_id}: {len(paths)} files in {summary.seconds:.1f} s",
         f"  scored     {summary.scored} ({summary.images_per_second:.1f} images/s)",
@@ -189,6 +244,107 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
     lines.append(f"report: {summary.index_path.resolve()}")
     click.echo("\n".join(lines))
     sys.exit(EXIT_FILES_FAILED if summary.failed else EXIT_OK)
+
+
+def _parse_since(text: str) -> float:
+    """A POSIX time from '24h', '90m', '7d' (ago) or an ISO date/time."""
+    import datetime as dt
+    import re
+    import time
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text.strip())
+    if m:
+        seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return time.time() - seconds
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r}: use an age like 24h, 90m, 7d or a date like 2026-11-24") from exc
+    return when.timestamp()
+
+
+@main.command()
+@click.argument("drop_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@config_option
+@db_option
+@click.option("--reports", "reports_dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--archive", "archive_dir", default=None, help="Move handled inputs here [default: leave in place].")
+@click.option("--quarantine", "quarantine_dir", default=None, help="Failed inputs go here [default: quarantine].")
+@click.option("--polling/--inotify", default=None, help="Poll the folder (network shares) instead of inotify.")
+@click.option("--max-idle", type=float, default=None, help="Exit after this many idle seconds (tests, one-shot use).")
+@click.option("--log-json", is_flag=True, help="Structured JSON logs on stderr (journald, log shippers).")
+def watch(drop_dir: Path, config: Path | None, db_url: str | None, reports_dir: Path | None,
+          archive_dir: str | None, quarantine_dir: str | None, polling: bool | None,
+          max_idle: float | None, log_json: bool) -> None:
+    """Watch DROP_DIR: score each study once it is complete; archive or quarantine its files."""
+    from batchcxr.pipeline import Scorer
+    from batchcxr.store.repo import Store
+    from batchcxr.worker import Watcher
+
+    if log_json:
+        _json_logging()
+    watch_overrides = {k: v for k, v in (("archive_dir", archive_dir), ("quarantine_dir", quarantine_dir),
+                                         ("polling", polling)) if v is not None}
+    settings = _settings(config, db_url=db_url, reports_dir=reports_dir,
+                         watch=watch_overrides or None)
+    try:
+        store = Store.open(settings.sqlalchemy_url)
+        scorer = Scorer.from_settings(settings, store)
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger("batchcxr").error("cannot start: %s", exc)
+        sys.exit(EXIT_CANNOT_RUN)
+    watcher = Watcher(scorer, drop_dir)
+    watcher.install_signal_handlers()
+    code = watcher.run(max_idle_seconds=max_idle)
+    store.close()
+    sys.exit(code)
+
+
+def _json_logging() -> None:
+    from pythonjsonlogger.json import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                       rename_fields={"levelname": "level", "asctime": "time"}))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+
+
+@main.command()
+@config_option
+@db_option
+@click.option("--stale-after", type=float, default=60.0, show_default=True,
+              help="A heartbeat older than this many seconds means the daemon is not alive.")
+def status(config: Path | None, db_url: str | None, stale_after: float) -> None:
+    """Daemon heartbeat, files waiting, studies pending, last scored, errors in the last 24 h."""
+    import datetime as dt
+
+    from batchcxr.store.repo import Store
+    from batchcxr.store.schema import utcnow
+
+    settings = _settings(config, db_url=db_url)
+    store = Store.open(settings.sqlalchemy_url)
+    now = utcnow()
+    daemons = store.daemons()
+    if not daemons:
+        click.echo("watcher: never ran on this database")
+    for d in daemons:
+        age = (now - d.heartbeat_at).total_seconds()
+        alive = d.state == "running" and age <= stale_after
+        click.echo(f"{d.name}: {'ALIVE' if alive else 'NOT RUNNING'} (state {d.state}, pid {d.pid} on {d.host}, "
+                   f"heartbeat {age:.0f} s ago)")
+        click.echo(f"  files waiting {d.files_waiting}, studies pending {d.studies_pending}, "
+                   f"last scored {d.last_scored_at or 'never'}")
+    click.echo(f"last prediction: {store.last_prediction_at() or 'never'}")
+    errors = store.errors_since(now - dt.timedelta(hours=24))
+    failed = [e for e in errors if e.status == "failed"]
+    click.echo(f"last 24 h: {len(failed)} failed, {len(errors) - len(failed)} skipped")
+    for e in failed[-10:]:
+        click.echo(f"  {e.created_at:%Y-%m-%d %H:%M} {e.path}: {e.reason}")
+    store.close()
+    if daemons and not any(d.state == "running" and (now - d.heartbeat_at).total_seconds() <= stale_after
+                           for d in daemons):
+        sys.exit(1)
 
 
 @main.command()

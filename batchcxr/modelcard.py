@@ -100,6 +100,11 @@ def render_markdown(card: dict[str, Any]) -> str:
     parts += [
         f"**Weights.** `{card['weights']['file']}`, sha256 `{card['weights']['sha256']}`.",
         "",
+        *(
+            [f"**Scoring graph.** `{card['scoring']['file']}`, sha256 `{card['scoring']['sha256']}`; "
+             f"{card['scoring']['runtime']}; {card['scoring']['outputs']}.", ""]
+            if card.get("scoring") else []
+        ),
         "**Libraries.** " + ", ".join(f"{k} {v}" for k, v in card["library_versions"].items()),
         "",
         f"Created {card['created']}.",

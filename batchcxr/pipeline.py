@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchcxr.domain import FailStage, ImageStatus, PreparedImage, Rejection, SourceFile, FileKind
-from batchcxr.infer.models import LoadedModel, load_model
-from batchcxr.infer.predict import CamRunner, run_models
+from batchcxr.infer.runtime import ScoringModel, load_scoring_model
 from batchcxr.ingest.files import read_source, walk
 from batchcxr.normalize.prepare import prepare
 from batchcxr.report.overlay import blend_heatmap, display_image, encode_png
@@ -29,9 +28,22 @@ from batchcxr.store.repo import ScoredImage, Store
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class FileOutcome:
+    """What became of one file in a run."""
+
+    sha256: str
+    status: str
+    """scored, skipped, failed, or unchanged (handled by an earlier run)."""
+    reason: str = ""
+    stage: str = ""
+    detail: str = ""
+
+
 @dataclass
 class RunSummary:
     run_id: int
+    files: dict[Path, FileOutcome] = field(default_factory=dict)
     scored: int = 0
     unchanged: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -62,18 +74,17 @@ def _digest(exc: BaseException) -> str:
 class Scorer:
     """Holds the loaded models and settings; scores folder trees into the Store."""
 
-    def __init__(self, settings: Settings, store: Store, models: list[LoadedModel]) -> None:
+    def __init__(self, settings: Settings, store: Store, models: list[ScoringModel]) -> None:
         if not models:
             raise ValueError("at least one model is needed")
         self.settings = settings
         self.store = store
         self.models = models
-        self.runners = [CamRunner.build(m) for m in models]
         self.reports = ReportWriter(settings.reports_dir, settings.quality.lateral_views)
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> Scorer:
-        return cls(settings, store, [load_model(p) for p in settings.models])
+        return cls(settings, store, [load_scoring_model(p) for p in settings.models])
 
     @property
     def versions(self) -> list[str]:
@@ -110,7 +121,8 @@ class Scorer:
         import numpy as np
 
         try:
-            per_image = run_models(self.runners, np.stack([p.model_input for p in batch]))
+            x = np.stack([p.model_input for p in batch])
+            per_image = list(zip(*[m.run(x) for m in self.models]))
         except Exception as exc:  # noqa: BLE001
             log.exception("inference failed for a batch of %d", len(batch))
             rejections = [Rejection(p.source, ImageStatus.FAILED, FailStage.INFER, f"inference failed: {exc}",
@@ -124,10 +136,13 @@ class Scorer:
             changed.add(item.study.study_key)
         self.store.record_scored(run_id, scored)
         summary.scored += len(scored)
+        for item in batch:
+            summary.files[item.source.path] = FileOutcome(item.source.sha256, ImageStatus.SCORED.value)
 
     def _record_rejections(self, run_id: int, rejections: list[Rejection], summary: RunSummary, changed: set[str]) -> None:
         self.store.record_rejections(run_id, rejections)
         for r in rejections:
+            summary.files[r.source.path] = FileOutcome(r.source.sha256, r.status.value, r.reason, r.stage.value, r.detail)
             (summary.failed if r.status == ImageStatus.FAILED else summary.skipped)[r.reason] += 1
             log.info("%s: %s (%s)", r.source.path, r.status.value, r.reason)
             if r.study is not None:
@@ -153,6 +168,7 @@ class Scorer:
             for source, result in chunk:
                 if source.sha256 and (source.sha256 in done or source.sha256 in seen):
                     summary.unchanged += 1
+                    summary.files[source.path] = FileOutcome(source.sha256, "unchanged")
                     continue
                 if source.sha256:
                     seen.add(source.sha256)

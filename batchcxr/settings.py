@@ -2,7 +2,7 @@
 
 Sources, later ones win: defaults < TOML config file (table ``[batchcxr]``,
 sub-table ``[batchcxr.quality]``) < environment (``BATCHCXR_<FIELD>``) <
-command-line options.
+command-line options. Sub-table ``[batchcxr.watch]`` holds the daemon's settings.
 """
 
 from __future__ import annotations
@@ -43,6 +43,32 @@ class QualitySettings:
 
 
 @dataclass(frozen=True)
+class WatchSettings:
+    """The drop-folder daemon (`batchcxr watch`)."""
+
+    archive_dir: str = ""
+    """Where scored and skipped inputs are moved; empty: leave them in place."""
+    quarantine_dir: str = "quarantine"
+    """Where failed inputs go, each with <name>.error.json beside it (relative paths: under the drop folder's parent)."""
+    polling: bool = False
+    """Poll the folder instead of inotify (network shares: CIFS/NFS send no events)."""
+    poll_seconds: float = 2.0
+    rescan_seconds: float = 30.0
+    """Walk the whole drop folder this often, to find files whose events were missed."""
+    file_quiet_seconds: float = 2.0
+    """A file must keep its size and mtime this long before it is read."""
+    study_quiet_seconds: float = 5.0
+    """A study is scored once no new file of it has arrived for this long."""
+    batch_wait_seconds: float = 1.0
+    """Wait this long for more ready studies to fill a batch."""
+    incomplete_timeout_seconds: float = 900.0
+    """A file that stays incomplete (unchanged) this long is taken anyway, and fails as truncated."""
+    heartbeat_seconds: float = 5.0
+    stop_timeout_seconds: float = 60.0
+    """On SIGTERM/SIGINT: finish the batch in hand, then exit; a second signal exits at once."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything `batchcxr score` needs."""
 
@@ -55,6 +81,9 @@ class Settings:
     """Longest side of the images shown in reports, in pixels."""
     overlay_alpha: float = 0.45
     quality: QualitySettings = field(default_factory=QualitySettings)
+    watch: WatchSettings = field(default_factory=WatchSettings)
+    lock_file: Path = Path("batchcxr-score.lock")
+    """`batchcxr score --since` (the nightly job) holds this lock so two runs never overlap."""
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -93,7 +122,7 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
         current = getattr(obj, key)
         if key == "models":
             changes[key] = tuple(Path(v).expanduser() for v in (value.split(",") if isinstance(value, str) else value))
-        elif isinstance(current, QualitySettings):
+        elif isinstance(current, (QualitySettings, WatchSettings)):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {key} must be a table")
             changes[key] = _merge(current, value, f"{where} [{key}]")
@@ -119,7 +148,7 @@ def load_settings(
     from_env = {
         f.name: env[f"BATCHCXR_{f.name.upper()}"]
         for f in fields(Settings)
-        if f"BATCHCXR_{f.name.upper()}" in env and f.name != "quality"
+        if f"BATCHCXR_{f.name.upper()}" in env and f.name not in ("quality", "watch")
     }
     settings = _merge(settings, from_env, "environment")
     settings = _merge(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")

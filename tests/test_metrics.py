@@ -49,3 +49,20 @@ def test_recall_rule():
 def test_bad_rule():
     with pytest.raises(ValueError, match="unknown threshold rule"):
         choose_threshold(Y, S, "magic")
+
+
+def test_eer_threshold_balances_errors():
+    # logit-symmetric classes: equal error point at p = 0.5
+    y = np.array([0] * 5 + [1] * 5)
+    s = np.array([0.05, 0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9, 0.95])
+    t = choose_threshold(y, s, "eer")
+    assert 0.4 < t <= 0.6
+    cm = confusion_matrix(y, s, t)
+    assert cm[0, 1] == cm[1, 0]  # as many false positives as false negatives
+
+
+def test_eer_separable_sits_between_classes():
+    y = np.array([0, 0, 1, 1])
+    s = np.array([0.1, 0.2, 0.8, 0.9])
+    t = choose_threshold(y, s, "eer")
+    assert 0.2 < t <= 0.8

@@ -29,6 +29,11 @@ def gradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
             f"activations and gradients must both be (n, h, w, k), found {activations.shape} and {gradients.shape}"
         )
     alpha = gradients.mean(axis=(1, 2), keepdims=True)
-    cam = np.maximum((activations * alpha).sum(axis=-1), 0.0)
-    peak = cam.max(axis=(1, 2), keepdims=True)
-    return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0).astype(np.float32)
+    return normalize_cams(np.maximum((activations * alpha).sum(axis=-1), 0.0))
+
+
+def normalize_cams(cams: np.ndarray) -> np.ndarray:
+    """Scale each (h, w) map of a (n, h, w) batch of non-negative maps to [0, 1] by its maximum."""
+    cams = np.asarray(cams, dtype=np.float32)
+    peak = cams.max(axis=(1, 2), keepdims=True)
+    return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)

@@ -50,3 +50,19 @@ def read_source(path: Path) -> tuple[SourceFile, bytes]:
     """Read a whole file once: its kind, hash and bytes. Raises OSError if unreadable."""
     data = path.read_bytes()
     return SourceFile(path, sniff(data), hashlib.sha256(data).hexdigest(), len(data)), data
+
+
+def move_into(path: Path, dest_dir: Path, rel: Path) -> Path:
+    """Move ``path`` to ``dest_dir/rel`` with one atomic rename, never overwriting.
+
+    An existing file of that name gets a numbered sibling (``name.1.dcm``): input is never lost.
+    ``dest_dir`` must be on the same file system as ``path``.
+    """
+    target = dest_dir / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = target, 0
+    while candidate.exists():
+        n += 1
+        candidate = target.with_name(f"{target.stem}.{n}{target.suffix}")
+    os.replace(path, candidate)
+    return candidate

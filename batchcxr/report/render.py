@@ -110,6 +110,12 @@ def _study_view(study: Study, lateral_views: tuple[str, ...]) -> StudyView:
                      study.accession_number, study.study_date, study.study_description, images, scores, labels)
 
 
+def _reasons(errors: list[ErrorRecord]) -> list[tuple[tuple[str, str], int]]:
+    """(status, reason) -> count, most frequent first."""
+    counts = Counter((e.status, e.reason) for e in errors)
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 class ReportWriter:
     """Renders report pages into one folder."""
 
@@ -138,15 +144,21 @@ class ReportWriter:
         atomic_write(path, self._render("study.html", study=view, root="../"))
         return path
 
-    def write_index(self, views: list[StudyView], errors: list[ErrorRecord], run: Any | None) -> Path:
+    def write_index(self, views: list[StudyView], errors: list[ErrorRecord], run: Any | None,
+                    runs: list[Any]) -> Path:
         views = sorted(views, key=lambda v: (-v.max_score, v.key))
-        reasons = Counter((e.status, e.reason) for e in errors)
         path = self.out_dir / "index.html"
         atomic_write(path, self._render(
-            "index.html", studies=views, reasons=sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])),
-            errors=errors, run=run, root="",
+            "index.html", studies=views, reasons=_reasons(errors), errors=errors, run=run, runs=runs, root="",
+            model_names=sorted({name for v in views for name in v.scores}),
             generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         ))
+        return path
+
+    def write_run(self, run: Any, errors: list[ErrorRecord]) -> Path:
+        """The summary page of one run (the nightly job's record)."""
+        path = self.out_dir / "runs" / f"run-{run.id}.html"
+        atomic_write(path, self._render("run.html", run=run, reasons=_reasons(errors), errors=errors, root="../"))
         return path
 
     def write_all(self, store: Store, changed_keys: set[str] | None = None, run_id: int | None = None) -> Path:
@@ -159,4 +171,8 @@ class ReportWriter:
                 self.write_study(view)
         run = store.get_run(run_id) if run_id is not None else store.latest_run()
         errors = store.errors(run.id) if run is not None else []
-        return self.write_index(views, errors, run)
+        runs = store.recent_runs()
+        for r in runs:
+            if (run is not None and r.id == run.id) or not (self.out_dir / "runs" / f"run-{r.id}.html").exists():
+                self.write_run(r, errors if run is not None and r.id == run.id else store.errors(r.id))
+        return self.write_index(views, errors, run, runs)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from batchcxr.domain import ImageStatus, ModelOutput, PreparedImage, Rejection, StudyInfo
 from batchcxr.store.db import make_engine, migrate
-from batchcxr.store.schema import ErrorRecord, Image, Prediction, Run, Study, utcnow
+from batchcxr.store.schema import DaemonStatus, ErrorRecord, Image, Prediction, Run, Study, utcnow
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Store:
         self.engine.dispose()
 
     def session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+        return Session(self.engine, expire_on_commit=False, autoflush=False)
 
     # runs -------------------------------------------------------------
     def start_run(self, command: str, source: str, model_versions: Sequence[str]) -> int:
@@ -64,13 +64,18 @@ class Store:
         with self.session() as s:
             return s.get(Run, run_id)
 
+    def recent_runs(self, n: int = 20) -> list[Run]:
+        with self.session() as s:
+            return list(s.scalars(select(Run).order_by(Run.id.desc()).limit(n)).all())
+
     def latest_run(self) -> Run | None:
         with self.session() as s:
             return s.scalars(select(Run).order_by(Run.id.desc()).limit(1)).first()
 
     # idempotency ------------------------------------------------------
     def already_done(self, sha256s: Iterable[str], model_versions: Sequence[str]) -> set[str]:
-        """Hashes needing no work: scored by every given model version, or skipped/failed before."""
+        """Hashes needing no work: scored by every given model version, or skipped/failed before
+        (a file that is not an image at all is known by its error rows)."""
         hashes = list(set(sha256s))
         done: set[str] = set()
         with self.session() as s:
@@ -86,6 +91,9 @@ class Store:
                 for sha, status, n in rows:
                     if status != ImageStatus.SCORED.value or n >= len(model_versions):
                         done.add(sha)
+                done.update(s.scalars(select(ErrorRecord.content_sha256).where(
+                    ErrorRecord.content_sha256.in_(chunk),
+                    ~ErrorRecord.content_sha256.in_(select(Image.content_sha256)))).all())
         return done
 
     # writes -----------------------------------------------------------
@@ -152,7 +160,45 @@ class Store:
                 image.status, image.reason = r.status.value, r.reason
                 image.updated_at = utcnow()
 
+    def heartbeat(self, name: str, *, pid: int, host: str, state: str, started_at: dt.datetime,
+                  files_waiting: int, studies_pending: int, last_scored_at: dt.datetime | None) -> None:
+        with self.session() as s, s.begin():
+            row = s.get(DaemonStatus, name) or DaemonStatus(name=name)
+            row.pid, row.host, row.state, row.started_at = pid, host, state, started_at
+            row.heartbeat_at = utcnow()
+            row.files_waiting, row.studies_pending, row.last_scored_at = files_waiting, studies_pending, last_scored_at
+            s.add(row)
+
     # reads ------------------------------------------------------------
+    def outcomes(self, sha256s: Iterable[str]) -> dict[str, tuple[str, str, str, str]]:
+        """(status, reason, stage, detail) last recorded for each known content hash."""
+        hashes = list(set(sha256s))
+        found: dict[str, tuple[str, str, str, str]] = {}
+        with self.session() as s:
+            for i in range(0, len(hashes), 500):
+                chunk = hashes[i : i + 500]
+                for e in s.scalars(select(ErrorRecord).where(ErrorRecord.content_sha256.in_(chunk))
+                                   .order_by(ErrorRecord.id)):
+                    found[e.content_sha256] = (e.status, e.reason, e.stage, e.detail)
+                for sha, status in s.execute(select(Image.content_sha256, Image.status)
+                                             .where(Image.content_sha256.in_(chunk))):
+                    if status == ImageStatus.SCORED.value or sha not in found:
+                        found[sha] = (status, "", "", "")
+        return found
+
+    def daemons(self) -> list[DaemonStatus]:
+        with self.session() as s:
+            return list(s.scalars(select(DaemonStatus).order_by(DaemonStatus.name)).all())
+
+    def errors_since(self, since: dt.datetime) -> list[ErrorRecord]:
+        with self.session() as s:
+            return list(s.scalars(select(ErrorRecord).where(ErrorRecord.created_at >= since)
+                                  .order_by(ErrorRecord.id)).all())
+
+    def last_prediction_at(self) -> dt.datetime | None:
+        with self.session() as s:
+            return s.scalar(select(func.max(Prediction.created_at)))
+
     def studies(self, keys: Iterable[str] | None = None) -> list[Study]:
         """Studies with their images and predictions loaded."""
         with self.session() as s:

@@ -102,3 +102,19 @@ class ErrorRecord(Base):
     reason: Mapped[str] = mapped_column(Text)
     detail: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class DaemonStatus(Base):
+    """The watcher's heartbeat, read by `batchcxr status`."""
+
+    __tablename__ = "daemon_status"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    """``watch:<drop folder>``."""
+    pid: Mapped[int] = mapped_column(Integer)
+    host: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    files_waiting: Mapped[int] = mapped_column(Integer, default=0)
+    studies_pending: Mapped[int] = mapped_column(Integer, default=0)
+    last_scored_at: Mapped[dt.datetime | None] = mapped_column(DateTime)

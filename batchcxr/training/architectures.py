@@ -24,18 +24,33 @@ class AugmentConfig:
     shear: float = 0.1
     """Keras RandomShear factor (fraction of the image side, not degrees)."""
     horizontal_flip: bool = True
+    rotation: float = 0.0
+    """Keras RandomRotation factor (fraction of a full turn: 0.03 is about 11 degrees)."""
+    translation: float = 0.0
+    contrast: float = 0.0
+    """Keras RandomContrast factor: exposure differences between sites and machines."""
+    brightness: float = 0.0
+    """Keras RandomBrightness factor on the 0..255 range."""
 
 
 def build_augmenter(cfg: AugmentConfig, seed: int):
     import keras
 
     steps = []
+    if cfg.rotation > 0:
+        steps.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="constant", seed=seed))
+    if cfg.translation > 0:
+        steps.append(keras.layers.RandomTranslation(cfg.translation, cfg.translation, fill_mode="constant", seed=seed))
     if cfg.zoom > 0:
         steps.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="constant", seed=seed))
     if cfg.shear > 0:
         steps.append(keras.layers.RandomShear(cfg.shear, cfg.shear, fill_mode="constant", seed=seed))
     if cfg.horizontal_flip:
         steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if cfg.contrast > 0:
+        steps.append(keras.layers.RandomContrast(cfg.contrast, value_range=(0, 255), seed=seed))
+    if cfg.brightness > 0:
+        steps.append(keras.layers.RandomBrightness(cfg.brightness, value_range=(0, 255), seed=seed))
     return keras.Sequential(steps, name="augment")
 
 

@@ -67,7 +67,7 @@ class TrainConfig:
     head_learning_rate: float = 1e-3
     fine_tune_from: str = "block_13_expand"
     tflite_path: Path | None = None
-    threshold_rule: str = "youden"
+    threshold_rule: str = "eer"
     limit_per_class: int | None = None
     """Use at most this many images per class (quick runs, tests)."""
 
@@ -166,6 +166,31 @@ def _train_mobilenetv2_head(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va) -> 
     return len(history.history["loss"])
 
 
+def save_for_inference(model, path: Path) -> None:
+    """Save architecture and weights only (no optimizer state: a third of the size)."""
+    import keras
+
+    clean = keras.models.clone_model(model)
+    clean.set_weights(model.get_weights())
+    clean.save(path)
+
+
+def export_scoring(model, kind: str, out: Path) -> dict[str, str]:
+    """Write the ONNX scoring graph beside the weights; return its card entry."""
+    import onnxruntime
+    import tf2onnx
+
+    from batchcxr.infer.export import OPSET, SCORING_FILE, export_onnx
+
+    path = export_onnx(model, kind, out / SCORING_FILE)
+    return {
+        "file": SCORING_FILE,
+        "sha256": sha256_file(path),
+        "runtime": f"onnxruntime {onnxruntime.__version__} (exported with tf2onnx {tf2onnx.__version__}, opset {OPSET})",
+        "outputs": "probability (N,), cam (N, h, w): exact Grad-CAM from the CAM layer and head weights",
+    }
+
+
 def _build(cfg: TrainConfig):
     if cfg.model == "cnn":
         return build_cnn(**({"dropout": cfg.dropout} if cfg.dropout is not None else {}))
@@ -235,8 +260,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE
-    model.save(weights)
+    save_for_inference(model, weights)
     digest = sha256_file(weights)
+    scoring = export_scoring(model, cfg.model, out)
     root = Path(cfg.data_dir)
     counts = lambda its: {c: sum(1 for i in its if i.label == k) for k, c in enumerate(CLASSES)}  # noqa: E731
     hyper = {
@@ -274,6 +300,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "library_versions": _library_versions(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "weights": {"file": WEIGHTS_FILE, "sha256": digest},
+        "scoring": scoring,
         "training_seconds": round(time.monotonic() - start, 1),
     }
     write_card(out, card)

@@ -1,6 +1,7 @@
-"""Run both models on a batch: probabilities plus Grad-CAM inputs, in one compiled pass each.
+"""The reference Grad-CAM: Keras model + GradientTape (the textbook way, with TensorFlow).
 
-Grad-CAM uses the gradient of the logit (the last Dense layer before its
+Scoring uses the exact ONNX graph of infer/export.py instead; tests and benchmarks compare
+it with this reference. Grad-CAM uses the gradient of the logit (the last Dense layer before its
 sigmoid), not of the probability: for a confident image the sigmoid's
 gradient underflows to zero in float32 and the map would vanish.
 """
@@ -57,8 +58,3 @@ class CamRunner:
             for p, heat in zip(probs.numpy(), maps)
         ]
 
-
-def run_models(runners: list[CamRunner], batch: np.ndarray) -> list[list[ModelOutput]]:
-    """For each image of the batch, one ModelOutput per model (in runner order)."""
-    per_model = [runner(batch) for runner in runners]
-    return [list(outputs) for outputs in zip(*per_model)]

@@ -1,0 +1,66 @@
+"""The scoring runtime: each model's ONNX scoring graph run by ONNX Runtime, no TensorFlow.
+
+``scoring.onnx`` (made by infer/export.py from the Keras weights) returns each image's
+probability and its exact, un-normalized Grad-CAM map; this module batches images
+through it and normalizes the maps (infer/gradcam.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchcxr.domain import ModelOutput
+from batchcxr.infer.gradcam import normalize_cams
+from batchcxr.modelcard import read_card, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    name: str
+    version: str
+    threshold: float
+    session: Any
+    """onnxruntime.InferenceSession of scoring.onnx."""
+
+    def run(self, batch: np.ndarray) -> list[ModelOutput]:
+        """Probabilities and [0, 1] Grad-CAM maps for a (N, 224, 224, 1) float32 batch."""
+        probability, cam = self.session.run(["probability", "cam"], {"image": np.ascontiguousarray(batch, np.float32)})
+        maps = normalize_cams(cam)
+        return [ModelOutput(self.name, self.version, float(p), self.threshold, m) for p, m in zip(probability, maps)]
+
+
+def load_scoring_model(model_dir: Path, threads: int = 0) -> ScoringModel:
+    """Open ``model_dir/scoring.onnx`` after checking it is the one its card names.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the card or the ONNX file is missing (run ``batchcxr export-model``).
+    ValueError
+        If the file's sha256 differs from the card's.
+    """
+    import onnxruntime as ort
+
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    scoring = card.get("scoring")
+    if not scoring:
+        raise FileNotFoundError(f"{model_dir / 'card.json'}: no scoring graph recorded; run batchcxr export-model")
+    path = model_dir / scoring["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: scoring graph not found; run batchcxr export-model")
+    if sha256_file(path) != scoring["sha256"]:
+        raise ValueError(f"{path}: sha256 differs from {model_dir / 'card.json'}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    log.info("loaded %s (%s) for scoring", card["name"], card["version"])
+    return ScoringModel(card["name"], card["version"], float(card["threshold"]["value"]), session)

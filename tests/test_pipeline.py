@@ -1,0 +1,213 @@
+"""`batchcxr score` end to end on real files: idempotency, bad input, reports."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.uid import UID
+
+from batchcxr.dicomwrite import base_dataset, write_dicom
+from batchcxr.infer.models import load_model
+from batchcxr.paths import DEMO_DIR, MODELS_DIR
+from batchcxr.pipeline import Scorer
+from batchcxr.settings import Settings
+from batchcxr.store.repo import Store
+
+from tests.dicoms import chest_like, dicom_file, jpeg_file
+
+
+@pytest.fixture(scope="module")
+def models():
+    return [load_model(MODELS_DIR / "cnn"), load_model(MODELS_DIR / "mobilenetv2")]
+
+
+@pytest.fixture
+def make_scorer(tmp_path, models):
+    stores = []
+
+    def make(**overrides) -> Scorer:
+        settings = Settings(db_url=str(tmp_path / "results.sqlite"), reports_dir=tmp_path / "reports", **overrides)
+        store = Store.open(settings.sqlalchemy_url)
+        stores.append(store)
+        return Scorer(settings, store, models)
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "script":
+            self.scripts += 1
+        for name, value in attrs:
+            if name in ("href", "src") and value:
+                self.refs.append(value)
+
+
+def _links(page: Path) -> _Links:
+    parser = _Links()
+    parser.feed(page.read_text())
+    return parser
+
+
+def test_demo_scored_reports_link_to_existing_files(tmp_path, make_scorer):
+    scorer = make_scorer()
+    summary = scorer.score_tree(DEMO_DIR)
+    assert summary.scored == 7 and not summary.failed
+    assert sum(summary.skipped.values()) == 1  # the lateral view
+    index = summary.index_path
+    pages = [index] + sorted((index.parent / "studies").glob("*.html"))
+    assert len(pages) == 1 + 6  # 3 JPEG/PNG folders + 3 DICOM studies (one holding two views)
+    for page in pages + sorted((index.parent / "runs").glob("*.html")):
+        for ref in _links(page).refs:
+            assert (page.parent / ref).resolve().is_file(), f"{page.name} links missing {ref}"
+    text = index.read_text()
+    assert "Demo^Pneumonia^TwoViews" in text
+    assert "lateral view (ViewPosition LL)" in text
+
+
+def test_second_run_scores_nothing_and_rescore_forces(tmp_path, make_scorer):
+    folder = tmp_path / "in"
+    dicom_file(folder / "a.dcm")
+    jpeg_file(folder / "b" / "b.jpg")
+    scorer = make_scorer()
+    first = scorer.score_tree(folder)
+    assert first.scored == 2
+    again = scorer.score_tree(folder)
+    assert again.scored == 0 and again.unchanged == 2
+    forced = scorer.score_tree(folder, rescore=True)
+    assert forced.scored == 2
+    rows = scorer.store.prediction_rows()
+    assert len(rows) == 4  # 2 images x 2 models, updated in place, not duplicated
+
+
+def test_new_model_version_rescores(tmp_path, make_scorer, models):
+    folder = tmp_path / "in"
+    dicom_file(folder / "a.dcm")
+    scorer = make_scorer()
+    scorer.score_tree(folder)
+    cnn = models[0]
+    newer = type(cnn)(cnn.name, cnn.version + "-new", cnn.threshold, cnn.card, cnn.keras_model, cnn.directory)
+    rescorer = Scorer(scorer.settings, scorer.store, [newer, models[1]])
+    summary = rescorer.score_tree(folder)
+    assert summary.scored == 1
+    versions = {r["model_version"] for r in rescorer.store.prediction_rows()}
+    assert cnn.version + "-new" in versions and cnn.version in versions
+
+
+def _bad_inputs(folder: Path) -> dict[str, str]:
+    """Write real broken files; return name -> expected reason fragment."""
+    folder.mkdir(parents=True)
+    good = dicom_file(folder / "good.dcm")
+    (folder / "empty.dcm").write_bytes(b"")
+    data = good.read_bytes()
+    (folder / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    (folder / "garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 8)
+    jpeg = jpeg_file(folder / "j" / "ok.jpg").read_bytes()
+    (folder / "j" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "j" / "corrupt.jpg").write_bytes(jpeg[:20] + b"\x00garbage" * 50 + b"\xff\xd9")
+    (folder / "notes.txt").write_text("not an image")
+    ds = base_dataset(chest_like())
+    ds.Rows, ds.Columns = 50000, 50000
+    write_dicom(folder / "huge.dcm", ds)
+    ds = base_dataset(chest_like())
+    write_dicom(folder / "unknown-ts.dcm", ds)
+    raw = (folder / "unknown-ts.dcm").read_bytes()
+    ts = str(ds.file_meta.TransferSyntaxUID).encode()
+    fake = b"1.2.3.4.5.6.7.8.9"
+    fake = fake + b"\0" * (len(ts) - len(fake)) if len(fake) < len(ts) else fake[: len(ts)]
+    (folder / "unknown-ts.dcm").write_bytes(raw.replace(ts, fake, 1))
+    evil = "<script>alert(1)</script>"
+    dicom_file(folder / "evil.dcm", PatientName=evil, StudyDescription='"><img src=x onerror=alert(2)>',
+               PatientID="../../../../tmp/owned", StudyInstanceUID="1.2.3.999")
+    return {
+        "empty.dcm": "empty file",
+        "truncated.dcm": "",
+        "garbage.dcm": "corrupt DICOM",
+        "truncated.jpg": "truncated JPEG",
+        "corrupt.jpg": "corrupt JPEG",
+        "notes.txt": "not a DICOM, JPEG or PNG file",
+        "huge.dcm": "declared pixel data too large",
+        "unknown-ts.dcm": "",
+    }
+
+
+def test_bad_input_is_recorded_kept_and_the_run_goes_on(tmp_path, make_scorer):
+    folder = tmp_path / "in"
+    expected = _bad_inputs(folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    scorer = make_scorer()
+    paths = sorted(before) + [folder / "vanished.dcm"]  # listed, then gone before reading
+    summary = scorer.score_paths(folder, paths)
+    assert summary.scored == 3  # good.dcm, ok.jpg, evil.dcm
+    errors = {Path(e.path).name: e for e in scorer.store.errors(summary.run_id)}
+    for name, fragment in expected.items():
+        assert name in errors, f"{name} not recorded"
+        assert fragment in errors[name].reason
+        assert errors[name].reason
+    assert errors["vanished.dcm"].reason.startswith("unreadable")
+    assert errors["notes.txt"].status == "skipped"
+    for name in ("empty.dcm", "truncated.dcm", "garbage.dcm", "truncated.jpg", "corrupt.jpg", "huge.dcm", "unknown-ts.dcm"):
+        assert errors[name].status == "failed", name
+    for path, data in before.items():  # nothing deleted, nothing changed
+        assert path.read_bytes() == data
+
+
+def test_markup_in_dicom_fields_is_inert_and_chooses_no_path(tmp_path, make_scorer):
+    folder = tmp_path / "in"
+    dicom_file(folder / "evil.dcm", PatientName="<script>alert(1)</script>",
+               StudyDescription='"><img src=x onerror=alert(2)>', PatientID="../../../../tmp/owned",
+               AccessionNumber="<b>bold</b>", StudyInstanceUID="1.2.3.999")
+    scorer = make_scorer()
+    summary = scorer.score_tree(folder)
+    out = summary.index_path.parent
+    for page in [summary.index_path, *(out / "studies").glob("*.html")]:
+        text = page.read_text()
+        assert "<script>" not in text and "onerror=alert" not in text.replace("onerror=alert(2)&gt;", "")
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+        assert _links(page).scripts == 0
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert all(re.fullmatch(r"(index\.html|style\.css|runs/run-\d+\.html|studies/[0-9a-f]{16}\.html|images/[0-9a-f]{24}(-\w+)?\.png)", w)
+               for w in written), written
+    assert not Path("/tmp/owned").exists()
+
+
+def test_study_grouping_and_frontal_max(tmp_path, make_scorer):
+    folder = tmp_path / "in"
+    study = "1.2.826.0.1.3680043.8.498.1"
+    dicom_file(folder / "one.dcm", chest_like(seed=1), StudyInstanceUID=study)
+    dicom_file(folder / "two.dcm", chest_like(seed=2), StudyInstanceUID=study)
+    jpeg_file(folder / "j1" / "x.jpg", chest_like(seed=3))
+    jpeg_file(folder / "j1" / "y.jpg", chest_like(seed=4))
+    scorer = make_scorer()
+    scorer.score_tree(folder)
+    studies = {s.study_key: s for s in scorer.store.studies()}
+    assert len(studies) == 2
+    assert len(studies[study].images) == 2
+    rows = scorer.store.prediction_rows()
+    from batchcxr.report.render import _study_view
+
+    view = _study_view(studies[study], ("LL",))
+    for model in ("cnn", "mobilenetv2"):
+        expected = max(r["probability"] for r in rows if r["study_key"] == study and r["model_name"] == model)
+        assert view.scores[model] == pytest.approx(expected)
+
+
+def test_demo_copy_survives_without_shared(tmp_path, make_scorer):
+    # the product runs on what ships in the repo: models + demo, no ../shared needed
+    copy = tmp_path / "demo"
+    shutil.copytree(DEMO_DIR, copy)
+    summary = make_scorer().score_tree(copy)
+    assert summary.scored == 7
+    assert np.isfinite(summary.seconds)

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from batchcxr.domain import FileKind
+from batchcxr.errors import ConfigError
+from batchcxr.ingest.files import sniff, walk
+from batchcxr.settings import Settings, load_settings
+
+
+def test_sniff_by_content_not_name():
+    assert sniff(b"\0" * 128 + b"DICM" + b"rest") == FileKind.DICOM
+    assert sniff(b"\xff\xd8\xff\xe0 jfif") == FileKind.JPEG
+    assert sniff(b"\x89PNG\r\n\x1a\n....") == FileKind.PNG
+    assert sniff(b"hello") == FileKind.OTHER
+
+
+def test_walk_is_sorted_recursive_and_skips_hidden(tmp_path):
+    for rel in ("b/2.dcm", "a/1.dcm", ".hidden/x.dcm", "a/.partial.tmp", "top.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in walk(tmp_path)] == ["top.jpg", "a/1.dcm", "b/2.dcm"]
+
+
+def test_settings_layering(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[batchcxr]\nbatch_size = 8\ndb_url = "x.sqlite"\n[batchcxr.quality]\nmin_size = 100\n'
+                   'modalities = ["CR"]\n')
+    s = load_settings(cfg, {"batch_size": 4}, environ={"BATCHCXR_DB_URL": "postgresql://h/db"})
+    assert s.batch_size == 4 and s.db_url == "postgresql://h/db"
+    assert s.quality.min_size == 100 and s.quality.modalities == ("CR",)
+
+
+def test_sqlite_path_becomes_url(tmp_path):
+    assert Settings(db_url=str(tmp_path / "r.sqlite")).sqlalchemy_url == f"sqlite:///{tmp_path / 'r.sqlite'}"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[batchcxr]\nbatch_sise = 3\n", "unknown setting 'batch_sise'"),
+    ("[batchcxr]\nbatch_size = 'many'\n", "batch_size"),
+    ("[batchcxr]\nbatch_size = 0\n", "batch_size must be >= 1"),
+])
+def test_bad_settings_name_the_problem(tmp_path, text, match):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_settings(cfg, environ={})
+
+
+def test_every_setting_is_documented_in_readme():
+    from dataclasses import fields
+
+    from batchcxr.settings import QualitySettings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for f in [*fields(Settings), *fields(QualitySettings)]:
+        assert f"`{f.name}`" in readme, f"setting {f.name} is not documented in README.md"
