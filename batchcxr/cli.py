@@ -131,18 +131,39 @@ def threshold(model_dir: Path, data_dir: Path, rule: str) -> None:
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Model folder (weights + card.json), e.g. models/mobilenetv2.")
-@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Labelled folder with NORMAL/ and PNEUMONIA/, e.g. .../chest_xray_224/test.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where metrics.json, roc.png and confusion_matrix.png go [default: out/evaluate/NAME].")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--update-card", is_flag=True, help="Write these metrics into the model card as its test metrics.")
-def evaluate(model_dir: Path, data_dir: Path, out_dir: Path | None, batch_size: int, update_card: bool) -> None:
-    """Accuracy, per-class precision/recall, ROC AUC and confusion matrix at the card's threshold."""
+@click.option("--against-reviews", is_flag=True,
+              help="Instead: each model's study results against the radiologists' latest verdicts in --db.")
+@config_option
+@db_option
+def evaluate(model_dir: Path | None, data_dir: Path | None, out_dir: Path | None, batch_size: int,
+             update_card: bool, against_reviews: bool, config: Path | None, db_url: str | None) -> None:
+    """Accuracy, per-class precision/recall, ROC AUC and confusion matrix at the card's threshold.
+
+    With --against-reviews: accuracy, sensitivity and specificity of each model against the
+    reviewers' verdicts (uncertain verdicts are left out).
+    """
     from batchcxr.evaluation import evaluate as ev
     from batchcxr.infer.models import load_model
+
+    if against_reviews:
+        from batchcxr.evaluation.reviews import against_reviews as compare, format_review_metrics
+        from batchcxr.store.repo import Store
+
+        settings = _settings(config, db_url=db_url)
+        store = Store.open(settings.sqlalchemy_url)
+        click.echo(format_review_metrics(compare(store, settings.quality.lateral_views)))
+        store.close()
+        return
+    if model_dir is None or data_dir is None:
+        raise click.UsageError("--model and --data are required (or use --against-reviews)")
 
     model = load_model(model_dir)
     metrics, y, scores = ev.evaluate(model, data_dir, batch_size)
@@ -345,6 +366,35 @@ def status(config: Path | None, db_url: str | None, stale_after: float) -> None:
     if daemons and not any(d.state == "running" and (now - d.heartbeat_at).total_seconds() <= stale_after
                            for d in daemons):
         sys.exit(1)
+
+
+@main.command()
+@config_option
+@db_option
+@click.option("--host", default=None, help="Address to bind [default: 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port [default: 8080].")
+def serve(config: Path | None, db_url: str | None, host: str | None, port: int | None) -> None:
+    """The review app: worklist, study viewer with Grad-CAM overlays, verdicts (login required)."""
+    from batchcxr.store.repo import Store
+    from batchcxr.web.app import serve as run_server
+
+    web = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    settings = _settings(config, db_url=db_url, web=web or None)
+    if not settings.web.users:
+        raise click.UsageError("no reviewers configured: add [batchcxr.web.users] name = \"<hash>\" "
+                               "to the config (batchcxr hash-password makes the hash)")
+    store = Store.open(settings.sqlalchemy_url)
+    click.echo(f"serving http://{settings.web.host}:{settings.web.port}/ (Ctrl-C to stop)", err=True)
+    run_server(settings, store)
+
+
+@main.command("hash-password")
+@click.password_option(help="The password (asked for when omitted).")
+def hash_password(password: str) -> None:
+    """Print a password hash for [batchcxr.web.users] in the config."""
+    from werkzeug.security import generate_password_hash
+
+    click.echo(generate_password_hash(password))
 
 
 @main.command()

@@ -73,8 +73,8 @@ class PreparedImage:
     source: SourceFile
     study: StudyInfo
     image: ImageInfo
-    gray: np.ndarray
-    """uint8 (rows, columns) display image at full resolution (or reduced for display)."""
+    display: np.ndarray
+    """uint8 grayscale image for reports, longest side at most the display size."""
     model_input: np.ndarray
     """float32 (224, 224, 1), the preprocessing contract."""
     qc_notes: list[str] = field(default_factory=list)

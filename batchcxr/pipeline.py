@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import time
 import traceback
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +22,9 @@ from batchcxr.domain import FailStage, ImageStatus, PreparedImage, Rejection, So
 from batchcxr.infer.runtime import ScoringModel, load_scoring_model
 from batchcxr.ingest.files import read_source, walk
 from batchcxr.normalize.prepare import prepare
-from batchcxr.report.overlay import blend_heatmap, display_image, encode_png
+from batchcxr.report.overlay import blend_heatmap, encode_png
 from batchcxr.report.render import ReportWriter, atomic_write
-from batchcxr.settings import Settings
+from batchcxr.settings import QualitySettings, Settings
 from batchcxr.store.repo import ScoredImage, Store
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ class RunSummary:
     skipped: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    stages: Counter = field(default_factory=Counter)
+    """Seconds per stage: prepare (read + decode + normalize, summed over workers), infer,
+    images (overlays and PNGs), store, report."""
     index_path: Path | None = None
 
     @property
@@ -71,6 +76,34 @@ def _digest(exc: BaseException) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """prepare_file's answer: the file, what it became, and the seconds it took."""
+
+    source: SourceFile
+    result: PreparedImage | Rejection
+    seconds: float
+
+
+def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size: int) -> Prepared:
+    """Read one file and normalize it (runs in a worker process). Never raises for a bad file."""
+    start = time.perf_counter()
+    try:
+        source, data = read_source(path)
+    except OSError as exc:
+        source = SourceFile(path, FileKind.OTHER, "", 0)
+        reason = f"unreadable: {exc.strerror or exc}"
+        return Prepared(source, Rejection(source, ImageStatus.FAILED, FailStage.READ, reason),
+                        time.perf_counter() - start)
+    try:
+        result = prepare(source, data, quality, folder_key(path, root), display_size)
+    except Exception as exc:  # noqa: BLE001 - one bad file never stops a run
+        log.exception("%s: unexpected error while preparing", path)
+        result = Rejection(source, ImageStatus.FAILED, FailStage.DECODE,
+                           f"unexpected {type(exc).__name__}: {exc}", detail=_digest(exc))
+    return Prepared(source, result, time.perf_counter() - start)
+
+
 class Scorer:
     """Holds the loaded models and settings; scores folder trees into the Store."""
 
@@ -91,23 +124,34 @@ class Scorer:
         return [m.version for m in self.models]
 
     # stage helpers ---------------------------------------------------------
-    def _prepare(self, path: Path, root: Path) -> tuple[SourceFile, PreparedImage | Rejection]:
-        try:
-            source, data = read_source(path)
-        except OSError as exc:
-            source = SourceFile(path, FileKind.OTHER, "", 0)
-            return source, Rejection(source, ImageStatus.FAILED, FailStage.READ, f"unreadable: {exc.strerror or exc}")
-        try:
-            return source, prepare(source, data, self.settings.quality, folder_key(path, root))
-        except Exception as exc:  # noqa: BLE001 - one bad file never stops a run
-            log.exception("%s: unexpected error while preparing", path)
-            return source, Rejection(source, ImageStatus.FAILED, FailStage.DECODE,
-                                     f"unexpected {type(exc).__name__}: {exc}", detail=_digest(exc))
+    def _prepared_stream(self, root: Path, paths: Iterable[Path]) -> Iterator[Prepared]:
+        """prepare_file over paths, in order; in worker processes when configured and worth it."""
+        paths = list(paths) if not isinstance(paths, list) else paths
+        q, size = self.settings.quality, self.settings.display_size
+        workers = self.settings.decode_workers
+        if workers < 1 or len(paths) < 2 * self.settings.batch_size:
+            for path in paths:
+                yield prepare_file(path, root, q, size)
+            return
+        window = 4 * self.settings.batch_size  # bounded look-ahead: memory stays flat
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            pending: deque = deque()
+            it = iter(paths)
+            for path in it:
+                pending.append(pool.submit(prepare_file, path, root, q, size))
+                if len(pending) >= window:
+                    break
+            while pending:
+                yield pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(prepare_file, nxt, root, q, size))
 
     def _write_images(self, item: PreparedImage, outputs) -> tuple[str, dict[str, str]]:
         out = self.settings.reports_dir
         stem = item.source.sha256[:24]
-        shown = display_image(item.gray, self.settings.display_size)
+        shown = item.display
         display_rel = f"images/{stem}.png"
         atomic_write(out / display_rel, encode_png(shown))
         overlays = {}
@@ -121,8 +165,10 @@ class Scorer:
         import numpy as np
 
         try:
+            t0 = time.perf_counter()
             x = np.stack([p.model_input for p in batch])
             per_image = list(zip(*[m.run(x) for m in self.models]))
+            summary.stages["infer"] += time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001
             log.exception("inference failed for a batch of %d", len(batch))
             rejections = [Rejection(p.source, ImageStatus.FAILED, FailStage.INFER, f"inference failed: {exc}",
@@ -130,17 +176,23 @@ class Scorer:
             self._record_rejections(run_id, rejections, summary, changed)
             return
         scored = []
+        t0 = time.perf_counter()
         for item, outputs in zip(batch, per_image):
             display, overlays = self._write_images(item, outputs)
             scored.append(ScoredImage(item, outputs, display, overlays))
             changed.add(item.study.study_key)
+        t1 = time.perf_counter()
         self.store.record_scored(run_id, scored)
+        summary.stages["images"] += t1 - t0
+        summary.stages["store"] += time.perf_counter() - t1
         summary.scored += len(scored)
         for item in batch:
             summary.files[item.source.path] = FileOutcome(item.source.sha256, ImageStatus.SCORED.value)
 
     def _record_rejections(self, run_id: int, rejections: list[Rejection], summary: RunSummary, changed: set[str]) -> None:
+        t0 = time.perf_counter()
         self.store.record_rejections(run_id, rejections)
+        summary.stages["store"] += time.perf_counter() - t0
         for r in rejections:
             summary.files[r.source.path] = FileOutcome(r.source.sha256, r.status.value, r.reason, r.stage.value, r.detail)
             (summary.failed if r.status == ImageStatus.FAILED else summary.skipped)[r.reason] += 1
@@ -159,6 +211,7 @@ class Scorer:
         seen: set[str] = set()
         pending: list[PreparedImage] = []
         chunk: list[tuple[SourceFile, PreparedImage | Rejection]] = []
+        paths = list(paths)
         batch_size = self.settings.batch_size
 
         def flush_chunk() -> None:
@@ -178,8 +231,9 @@ class Scorer:
             chunk.clear()
 
         try:
-            for path in paths:
-                chunk.append(self._prepare(path, root))
+            for prepared in self._prepared_stream(root, paths):
+                summary.stages["prepare"] += prepared.seconds
+                chunk.append((prepared.source, prepared.result))
                 if progress:
                     progress(1)
                 if len(chunk) >= batch_size:
@@ -199,7 +253,10 @@ class Scorer:
             self.store.finish_run(run_id, scored=summary.scored, skipped=sum(summary.skipped.values()),
                                   failed=sum(summary.failed.values()), unchanged=summary.unchanged,
                                   seconds=summary.seconds, status=status)
+        t0 = time.perf_counter()
         summary.index_path = self.reports.write_all(self.store, changed, run_id)
+        summary.stages["report"] += time.perf_counter() - t0
+        summary.seconds = time.monotonic() - start  # the run row holds the time before reports
         return summary
 
     def score_tree(self, root: Path, **kwargs) -> RunSummary:

@@ -2,7 +2,7 @@
 
 Sources, later ones win: defaults < TOML config file (table ``[batchcxr]``,
 sub-table ``[batchcxr.quality]``) < environment (``BATCHCXR_<FIELD>``) <
-command-line options. Sub-table ``[batchcxr.watch]`` holds the daemon's settings.
+command-line options. Sub-tables ``[batchcxr.watch]`` and ``[batchcxr.web]`` hold the daemon's and the review app's settings.
 """
 
 from __future__ import annotations
@@ -69,6 +69,21 @@ class WatchSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The review app (`batchcxr serve`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    users: dict = field(default_factory=dict)
+    """Reviewer name -> password hash (make one with `batchcxr hash-password`)."""
+    session_minutes: int = 30
+    """Idle sessions expire after this many minutes."""
+    secret_key: str = ""
+    """Signs session cookies; empty: a random key per start (everyone logs in again after a restart)."""
+    page_size: int = 50
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything `batchcxr score` needs."""
 
@@ -82,6 +97,9 @@ class Settings:
     overlay_alpha: float = 0.45
     quality: QualitySettings = field(default_factory=QualitySettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    decode_workers: int = 1
+    """Processes that read and decode files while the main process runs the models (0: none)."""
     lock_file: Path = Path("batchcxr-score.lock")
     """`batchcxr score --since` (the nightly job) holds this lock so two runs never overlap."""
 
@@ -105,6 +123,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             items = value.split(",") if isinstance(value, str) else list(value)
             kind = type(default[0]) if default else str
             return tuple(kind(v.strip()) if isinstance(v, str) else kind(v) for v in items if str(v).strip())
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise TypeError("expected a table")
+            return {str(k): str(v) for k, v in value.items()}
         if isinstance(default, Path):
             return Path(value).expanduser()
         return type(default)(value)
@@ -122,7 +144,7 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
         current = getattr(obj, key)
         if key == "models":
             changes[key] = tuple(Path(v).expanduser() for v in (value.split(",") if isinstance(value, str) else value))
-        elif isinstance(current, (QualitySettings, WatchSettings)):
+        elif isinstance(current, (QualitySettings, WatchSettings, WebSettings)):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {key} must be a table")
             changes[key] = _merge(current, value, f"{where} [{key}]")
@@ -148,7 +170,7 @@ def load_settings(
     from_env = {
         f.name: env[f"BATCHCXR_{f.name.upper()}"]
         for f in fields(Settings)
-        if f"BATCHCXR_{f.name.upper()}" in env and f.name not in ("quality", "watch")
+        if f"BATCHCXR_{f.name.upper()}" in env and f.name not in ("quality", "watch", "web")
     }
     settings = _merge(settings, from_env, "environment")
     settings = _merge(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")

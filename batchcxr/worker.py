@@ -93,9 +93,11 @@ class Watcher:
         log.info("signal %d: finishing the batch in hand, then stopping", signum)
         self.stop_requested = True
         signal.signal(signum, self.force_stop)
+        signal.signal(signal.SIGALRM, self.force_stop)
+        signal.alarm(max(1, int(self.cfg.stop_timeout_seconds)))  # bounded: never hang on stop
 
     def force_stop(self, signum: int, _frame) -> None:
-        log.warning("second signal %d: stopping now", signum)
+        log.warning("signal %d (second signal or stop timeout): stopping now", signum)
         raise SystemExit(1)
 
     def install_signal_handlers(self) -> None:

@@ -37,11 +37,11 @@ def test_each_transfer_syntax_decodes_to_the_same_picture(tmp_path, syntax):
     # no window in the file: min..max stretch, so compare against the stretched original
     lo, hi = int(pixels.min()), int(pixels.max())
     expected = np.rint((pixels.astype(float) - lo) / (hi - lo) * 255)
-    err = np.abs(result.gray.astype(float) - expected)
+    err = np.abs(result.display.astype(float) - expected)
     if syntax in LOSSLESS:
         assert err.max() <= 1
     else:  # lossy: same picture, compression noise allowed
-        assert np.corrcoef(result.gray.ravel(), expected.ravel())[0, 1] > 0.95
+        assert np.corrcoef(result.display.ravel(), expected.ravel())[0, 1] > 0.95
     assert result.model_input.shape == (224, 224, 1)
 
 
@@ -67,7 +67,7 @@ def test_sixteen_bit_monochrome1_and_window_all_match(tmp_path):
                                    WindowCenter=(lo + hi) / 2 * 16 + 1000 + 8, WindowWidth=(hi - lo) * 16 + 1))
     for other in (sixteen, mono1, windowed):
         assert isinstance(other, PreparedImage), getattr(other, "reason", "")
-        assert np.abs(other.gray.astype(int) - plain.gray.astype(int)).max() <= 2
+        assert np.abs(other.display.astype(int) - plain.display.astype(int)).max() <= 2
 
 
 def test_rescale_slope_intercept_and_signed_pixels(tmp_path):
@@ -76,7 +76,7 @@ def test_rescale_slope_intercept_and_signed_pixels(tmp_path):
     result = _prepare(write_dicom(tmp_path / "s.dcm", ds))
     assert isinstance(result, PreparedImage)
     ref = chest_like().astype(float)
-    corr = np.corrcoef(result.gray.ravel(), ref.ravel())[0, 1]
+    corr = np.corrcoef(result.display.ravel(), ref.ravel())[0, 1]
     assert corr > 0.99
 
 
@@ -90,7 +90,7 @@ def test_rgb_secondary_capture(tmp_path):
     ds.PixelData = rgb.tobytes()
     result = _prepare(write_dicom(tmp_path / "rgb.dcm", ds))
     assert isinstance(result, PreparedImage), getattr(result, "reason", "")
-    assert np.abs(result.gray.astype(int) - gray).max() <= 1
+    assert np.abs(result.display.astype(int) - gray).max() <= 1
 
 
 @pytest.mark.parametrize(

@@ -196,9 +196,9 @@ def test_study_grouping_and_frontal_max(tmp_path, make_scorer):
     assert len(studies) == 2
     assert len(studies[study].images) == 2
     rows = scorer.store.prediction_rows()
-    from batchcxr.report.render import _study_view
+    from batchcxr.report.render import study_view
 
-    view = _study_view(studies[study], ("LL",))
+    view = study_view(studies[study], ("LL",))
     for model in ("cnn", "mobilenetv2"):
         expected = max(r["probability"] for r in rows if r["study_key"] == study and r["model_name"] == model)
         assert view.scores[model] == pytest.approx(expected)

@@ -14,7 +14,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
+from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
 
+from batchcxr.normalize.contract import REDUCED_FLAGS, decode_image_bytes, reduction_factor
 from batchcxr.normalize.window import apply_window, rescale_to_unit, rgb_to_gray, to_uint8
 
 
@@ -44,6 +46,25 @@ def voi_to_unit(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
         return apply_window(values, center, width, function), f"window C={center:g} W={width:g} {function}"
     return rescale_to_unit(values), "no VOI in file: min..max of the image"
+
+
+def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
+    """The first frame's stored values.
+
+    An 8-bit grayscale JPEG Baseline/Extended frame far larger than needed is decoded by
+    OpenCV with DCT scaling (a fraction of the work); everything else by pydicom and its
+    plugins, at full size.
+    """
+    tsuid = ds.file_meta.TransferSyntaxUID
+    if (tsuid in (JPEGBaseline8Bit, JPEGExtended12Bit) and int(ds.get("BitsAllocated", 0)) == 8
+            and int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1):
+        factor = reduction_factor(int(ds.Rows), int(ds.Columns), keep_short, keep_long)
+        if factor in REDUCED_FLAGS:
+            from pydicom.encaps import generate_frames
+
+            frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+            return decode_image_bytes(frame, reduce=factor)
+    return ds.pixel_array
 
 
 def dataset_to_gray(ds: Dataset, pixels: np.ndarray) -> tuple[np.ndarray, Presentation]:

@@ -24,8 +24,15 @@ from batchcxr.domain import (
     SourceFile,
     StudyInfo,
 )
-from batchcxr.normalize.contract import decode_image_bytes, to_model_input
-from batchcxr.normalize.dicom import dataset_to_gray
+from batchcxr.normalize.contract import (
+    CONTRACT,
+    decode_image_bytes,
+    display_image,
+    jpeg_dimensions,
+    reduction_factor,
+    to_model_input,
+)
+from batchcxr.normalize.dicom import dataset_to_gray, decode_pixels
 from batchcxr.settings import SECONDARY_CAPTURE_SOP_CLASSES, QualitySettings
 
 log = logging.getLogger(__name__)
@@ -114,7 +121,16 @@ def _reject(source, status, stage, reason, study=None, image=None, detail="") ->
     return Rejection(source, status, stage, reason, study, image, detail)
 
 
-def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_key: str) -> PreparedImage | Rejection:
+KEEP_SHORT = 2 * CONTRACT.input_size
+"""Reduced-resolution decoding keeps at least this many pixels on the short side."""
+
+
+def _prepared(source, study, image, gray, notes, display_size) -> PreparedImage:
+    return PreparedImage(source, study, image, display_image(gray, display_size), to_model_input(gray), notes)
+
+
+def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_key: str,
+                  display_size: int) -> PreparedImage | Rejection:
     try:
         ds = parse_dicom(data, force=source.kind != FileKind.DICOM)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
@@ -136,7 +152,7 @@ def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_ke
             study, image,
         )
     try:
-        arr = ds.pixel_array
+        arr = decode_pixels(ds, KEEP_SHORT, display_size)
         gray, presentation = dataset_to_gray(ds, arr)
     except NotImplementedError as exc:
         return _reject(source, ImageStatus.FAILED, FailStage.DECODE,
@@ -147,7 +163,7 @@ def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_ke
     notes = [f"{presentation.photometric}; {presentation.window}"]
     if image.transfer_syntax:
         notes.append(f"transfer syntax {image.transfer_syntax}")
-    return PreparedImage(source, study, image, gray, to_model_input(gray), notes)
+    return _prepared(source, study, image, gray, notes, display_size)
 
 
 def _image_complete(kind: FileKind, data: bytes) -> bool:
@@ -156,29 +172,40 @@ def _image_complete(kind: FileKind, data: bytes) -> bool:
     return b"IEND" in data[-16:]
 
 
-def prepare_bitmap(source: SourceFile, data: bytes, q: QualitySettings, folder_key: str) -> PreparedImage | Rejection:
+def prepare_bitmap(source: SourceFile, data: bytes, q: QualitySettings, folder_key: str,
+                   display_size: int) -> PreparedImage | Rejection:
     study = StudyInfo(study_key=folder_key)
     if not _image_complete(source.kind, data):
         return _reject(source, ImageStatus.FAILED, FailStage.DECODE,
                        f"truncated {source.kind.value.upper()} (no end marker)", study)
+    dims = jpeg_dimensions(data) if source.kind == FileKind.JPEG else None
+    if dims is not None and dims[0] * dims[1] > q.max_pixels:
+        return _reject(source, ImageStatus.FAILED, FailStage.DECODE,
+                       f"image too large ({dims[0] * dims[1]:,} pixels > limit {q.max_pixels:,}); not decoded",
+                       study, ImageInfo(rows=dims[0], columns=dims[1]))
+    factor = reduction_factor(*dims, KEEP_SHORT, display_size) if dims else 1
     try:
-        gray = decode_image_bytes(data)
+        gray = decode_image_bytes(data, reduce=factor)
     except ValueError as exc:
         return _reject(source, ImageStatus.FAILED, FailStage.DECODE, f"corrupt {source.kind.value.upper()}: {exc}", study)
-    image = ImageInfo(rows=gray.shape[0], columns=gray.shape[1])
-    if min(gray.shape) < q.min_size:
+    rows, cols = dims if dims else gray.shape
+    image = ImageInfo(rows=rows, columns=cols)
+    if min(rows, cols) < q.min_size:
         return _reject(source, ImageStatus.SKIPPED, FailStage.QUALITY,
-                       f"image too small ({gray.shape[0]}x{gray.shape[1]}, minimum {q.min_size} px)", study, image)
-    if gray.size > q.max_pixels:
+                       f"image too small ({rows}x{cols}, minimum {q.min_size} px)", study, image)
+    if rows * cols > q.max_pixels:
         return _reject(source, ImageStatus.FAILED, FailStage.DECODE,
-                       f"image too large ({gray.size:,} pixels > limit {q.max_pixels:,})", study, image)
-    return PreparedImage(source, study, image, gray, to_model_input(gray), [f"{source.kind.value.upper()} file"])
+                       f"image too large ({rows * cols:,} pixels > limit {q.max_pixels:,})", study, image)
+    note = f"{source.kind.value.upper()} file" + (f", decoded at 1/{factor} size" if factor > 1 else "")
+    return _prepared(source, study, image, gray, [note], display_size)
 
 
-def prepare(source: SourceFile, data: bytes, q: QualitySettings, folder_key: str) -> PreparedImage | Rejection:
-    """Dispatch on the sniffed kind. ``folder_key`` groups JPEG/PNG files (and UID-less DICOM)."""
+def prepare(source: SourceFile, data: bytes, q: QualitySettings, folder_key: str,
+            display_size: int = 512) -> PreparedImage | Rejection:
+    """Dispatch on the sniffed kind. ``folder_key`` groups JPEG/PNG files (and UID-less DICOM);
+    the PreparedImage carries a display copy no larger than ``display_size``."""
     if source.size == 0:
         return _reject(source, ImageStatus.FAILED, FailStage.READ, "empty file (0 bytes)")
     if source.kind in (FileKind.JPEG, FileKind.PNG):
-        return prepare_bitmap(source, data, q, folder_key)
-    return prepare_dicom(source, data, q, folder_key)
+        return prepare_bitmap(source, data, q, folder_key, display_size)
+    return prepare_dicom(source, data, q, folder_key, display_size)

@@ -6,16 +6,6 @@ import cv2
 import numpy as np
 
 
-def display_image(gray: np.ndarray, max_side: int) -> np.ndarray:
-    """Shrink a uint8 grayscale image so its longest side is at most max_side (aspect kept)."""
-    h, w = gray.shape
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return gray
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-
-
 def blend_heatmap(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Blend a [0, 1] heatmap, colour-mapped (JET), over a grayscale image.
 
@@ -41,7 +31,7 @@ def blend_heatmap(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) ->
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", image)
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])  # fast; files stay small
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()

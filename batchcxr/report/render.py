@@ -40,6 +40,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 @dataclass
 class ModelResult:
+    id: int
     name: str
     version: str
     probability: float
@@ -50,6 +51,7 @@ class ModelResult:
 
 @dataclass
 class ImageView:
+    id: int
     path: str
     status: str
     reason: str
@@ -66,6 +68,7 @@ class ImageView:
 
 @dataclass
 class StudyView:
+    id: int
     key: str
     slug: str
     patient_name: str
@@ -87,27 +90,37 @@ class StudyView:
         return len(set(self.labels.values())) > 1 or any(i.disagree for i in self.images)
 
 
-def _study_view(study: Study, lateral_views: tuple[str, ...]) -> StudyView:
+def study_view(study: Study, lateral_views: tuple[str, ...]) -> StudyView:
     images: list[ImageView] = []
     scores: dict[str, float] = {}
     labels: dict[str, str] = {}
     for img in sorted(study.images, key=lambda i: i.path):
         frontal = img.view_position.upper() not in lateral_views
         results = [
-            ModelResult(p.model_name, p.model_version, p.probability, p.threshold, p.label, p.heatmap_path)
+            ModelResult(p.id, p.model_name, p.model_version, p.probability, p.threshold, p.label, p.heatmap_path)
             for p in sorted(img.predictions, key=lambda p: (p.model_name, p.created_at))
         ]
         latest = {r.name: r for r in results}  # newest prediction per model name
         results = sorted(latest.values(), key=lambda r: r.name)
-        images.append(ImageView(img.path, img.status, img.reason, img.qc_notes, img.view_position,
+        images.append(ImageView(img.id, img.path, img.status, img.reason, img.qc_notes, img.view_position,
                                 frontal, img.display_path, results))
         if img.status == "scored" and frontal:
             for r in results:
                 if r.probability > scores.get(r.name, -1.0):
                     scores[r.name] = r.probability
                     labels[r.name] = r.label
-    return StudyView(study.study_key, study_slug(study.study_key), study.patient_name, study.patient_id,
+    return StudyView(study.id, study.study_key, study_slug(study.study_key), study.patient_name, study.patient_id,
                      study.accession_number, study.study_date, study.study_description, images, scores, labels)
+
+
+def make_environment() -> Environment:
+    """The Jinja2 environment of reports/templates (autoescaped), shared with the web app."""
+    return Environment(
+        loader=FileSystemLoader(str(TEMPLATES_DIR)),
+        autoescape=select_autoescape(["html", "xml"], default=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 def _reasons(errors: list[ErrorRecord]) -> list[tuple[tuple[str, str], int]]:
@@ -122,12 +135,7 @@ class ReportWriter:
     def __init__(self, out_dir: Path, lateral_views: tuple[str, ...] = ("LL", "RL", "LAT", "LATERAL")) -> None:
         self.out_dir = Path(out_dir)
         self.lateral_views = lateral_views
-        self.env = Environment(
-            loader=FileSystemLoader(str(TEMPLATES_DIR)),
-            autoescape=select_autoescape(["html", "xml"], default=True),
-            trim_blocks=True,
-            lstrip_blocks=True,
-        )
+        self.env = make_environment()
 
     def _render(self, template: str, **context: Any) -> str:
         return self.env.get_template(template).render(notice=NOTICE, **context)
@@ -141,7 +149,9 @@ class ReportWriter:
 
     def write_study(self, view: StudyView) -> Path:
         path = self.out_dir / "studies" / f"{view.slug}.html"
-        atomic_write(path, self._render("study.html", study=view, root="../"))
+        atomic_write(path, self._render("study.html", study=view, root="../",
+                                        image_src=lambda img: "../" + img.display,
+                                        overlay_src=lambda result: "../" + result.overlay))
         return path
 
     def write_index(self, views: list[StudyView], errors: list[ErrorRecord], run: Any | None,
@@ -164,7 +174,7 @@ class ReportWriter:
     def write_all(self, store: Store, changed_keys: set[str] | None = None, run_id: int | None = None) -> Path:
         """Rewrite pages of changed studies (all when None), any missing page, and the index."""
         self._copy_static()
-        views = [_study_view(s, self.lateral_views) for s in store.studies()]
+        views = [study_view(s, self.lateral_views) for s in store.studies()]
         for view in views:
             page = self.out_dir / "studies" / f"{view.slug}.html"
             if changed_keys is None or view.key in changed_keys or not page.exists():

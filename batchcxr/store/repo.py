@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session, selectinload
 
 from batchcxr.domain import ImageStatus, ModelOutput, PreparedImage, Rejection, StudyInfo
 from batchcxr.store.db import make_engine, migrate
-from batchcxr.store.schema import DaemonStatus, ErrorRecord, Image, Prediction, Run, Study, utcnow
+from batchcxr.store.schema import DaemonStatus, ErrorRecord, Image, Prediction, Run, Study, Verdict, utcnow
+
+VERDICTS = ("yes", "no", "uncertain")
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,51 @@ class Store:
             row.files_waiting, row.studies_pending, row.last_scored_at = files_waiting, studies_pending, last_scored_at
             s.add(row)
 
+    def add_verdict(self, study_id: int, reviewer: str, verdict: str, note: str = "") -> Verdict:
+        """Append a verdict (pneumonia yes / no / uncertain). Raises ValueError for anything else."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, found {verdict!r}")
+        with self.session() as s, s.begin():
+            if s.get(Study, study_id) is None:
+                raise ValueError(f"no study with id {study_id}")
+            row = Verdict(study_id=study_id, reviewer=reviewer, verdict=verdict, note=note[:4000])
+            s.add(row)
+            s.flush()
+            return row
+
     # reads ------------------------------------------------------------
+    def latest_verdicts(self) -> dict[int, Verdict]:
+        """The latest verdict of each reviewed study, by study id."""
+        latest: dict[int, Verdict] = {}
+        with self.session() as s:
+            for v in s.scalars(select(Verdict).order_by(Verdict.id)):
+                latest[v.study_id] = v
+        return latest
+
+    def verdict_rows(self) -> list[dict[str, Any]]:
+        """Every verdict ever recorded (the append-only log), oldest first."""
+        with self.session() as s:
+            rows = s.execute(select(Verdict.id, Study.study_key, Study.patient_id, Study.accession_number,
+                                    Verdict.reviewer, Verdict.verdict, Verdict.note, Verdict.created_at)
+                             .join(Study, Study.id == Verdict.study_id).order_by(Verdict.id)).mappings().all()
+        return [{k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in r.items()} for r in rows]
+
+    def study(self, study_id: int) -> Study | None:
+        with self.session() as s:
+            return s.scalars(select(Study).where(Study.id == study_id)
+                             .options(selectinload(Study.images).selectinload(Image.predictions))).first()
+
+    def image_file(self, image_id: int) -> str | None:
+        """The display PNG of an image (relative to the reports folder), as recorded."""
+        with self.session() as s:
+            image = s.get(Image, image_id)
+            return image.display_path if image and image.display_path else None
+
+    def overlay_file(self, prediction_id: int) -> str | None:
+        with self.session() as s:
+            pred = s.get(Prediction, prediction_id)
+            return pred.heatmap_path if pred and pred.heatmap_path else None
+
     def outcomes(self, sha256s: Iterable[str]) -> dict[str, tuple[str, str, str, str]]:
         """(status, reason, stage, detail) last recorded for each known content hash."""
         hashes = list(set(sha256s))

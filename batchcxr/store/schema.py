@@ -118,3 +118,16 @@ class DaemonStatus(Base):
     files_waiting: Mapped[int] = mapped_column(Integer, default=0)
     studies_pending: Mapped[int] = mapped_column(Integer, default=0)
     last_scored_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class Verdict(Base):
+    """A reviewer's verdict on a study. Append-only: a changed mind is a new row; the latest counts."""
+
+    __tablename__ = "verdicts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    reviewer: Mapped[str] = mapped_column(String(128))
+    verdict: Mapped[str] = mapped_column(String(16))
+    """pneumonia: yes, no or uncertain."""
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

@@ -1,0 +1,1 @@
+"""`batchcxr serve`: the radiologist review app (Flask) over the results database."""

@@ -1,0 +1,40 @@
+"""One end-to-end `batchcxr score` run in this process; prints a JSON line (run by benchmarks.run)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from batchcxr.ingest.files import walk
+from batchcxr.pipeline import Scorer
+from batchcxr.settings import load_settings
+from batchcxr.store.repo import Store
+
+
+def main(folder: str, decode_workers: str = "1") -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(None, {"db_url": f"{tmp}/r.sqlite", "reports_dir": Path(tmp) / "reports",
+                                        "decode_workers": int(decode_workers)})
+        start = time.perf_counter()
+        store = Store.open(settings.sqlalchemy_url)
+        scorer = Scorer.from_settings(settings, store)
+        load_seconds = time.perf_counter() - start
+        paths = list(walk(Path(folder)))
+        summary = scorer.score_paths(Path(folder), paths)
+        store.close()
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({
+        "files": len(paths), "scored": summary.scored, "failed": sum(summary.failed.values()),
+        "seconds": summary.seconds, "images_per_s": summary.scored / summary.seconds,
+        "load_seconds": load_seconds, "stages": dict(summary.stages),
+        "peak_rss_mb": own, "peak_rss_worker_mb": children,
+    }))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,187 @@
+"""The review app in a real browser: Playwright for Python driving Debian's Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from werkzeug.security import generate_password_hash
+from werkzeug.serving import make_server
+
+from batchcxr.infer.runtime import load_scoring_model
+from batchcxr.paths import DEMO_DIR, MODELS_DIR, PROJECT_ROOT
+from batchcxr.pipeline import Scorer
+from batchcxr.settings import Settings, WebSettings
+from batchcxr.store.repo import Store
+from batchcxr.web.app import create_app
+
+from tests.conftest import need
+from tests.dicoms import chest_like, dicom_file
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = PROJECT_ROOT / "test-output" / "screenshots"
+PAYLOAD = "<script>alert(1)</script><img src=x onerror=alert(2)>"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("web")
+    inputs = tmp / "inputs"
+    shutil.copytree(DEMO_DIR, inputs / "demo")
+    dicom_file(inputs / "evil.dcm", chest_like(seed=9), PatientName=PAYLOAD, StudyDescription=PAYLOAD,
+               PatientID="EVIL-1")
+    settings = Settings(db_url=str(tmp / "r.sqlite"), reports_dir=tmp / "reports",
+                        web=WebSettings(users={"alice": generate_password_hash("correct horse")},
+                                        secret_key="test-secret", session_minutes=5))
+    store = Store.open(settings.sqlalchemy_url)
+    scorer = Scorer(settings, store, [load_scoring_model(MODELS_DIR / m) for m in ("cnn", "mobilenetv2")])
+    scorer.score_tree(inputs)
+    app = create_app(settings, store)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://127.0.0.1:{server.server_port}", "store": store, "scorer": scorer, "inputs": inputs,
+           "app": app}
+    server.shutdown()
+    thread.join(timeout=10)
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    need(CHROMIUM, "Debian's chromium (apt-get install chromium) for the browser tests")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    dialogs: list[str] = []
+    pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    pg.dialogs = dialogs
+    yield pg
+    context.close()
+
+
+def _login(page, url: str) -> None:
+    page.goto(url + "/")
+    assert "/login" in page.url
+    page.fill("input[name=username]", "alice")
+    page.fill("input[name=password]", "correct horse")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#worklist")
+
+
+def test_review_flow_in_a_real_browser(site, page):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    _login(page, site["url"])
+    page.screenshot(path=str(SCREENSHOTS / "worklist.png"), full_page=True)
+    rows = page.locator("#worklist tbody tr")
+    assert rows.count() == 7  # 6 demo studies + the evil one
+    page.locator("a.study-link").first.click()
+    page.wait_for_selector("#verdict-form")
+    study_url = page.url
+    # toggle the Grad-CAM overlay of a model and change its opacity
+    section = page.locator(".viewer-section").first
+    overlay = section.locator("img.overlay")
+    assert overlay.is_hidden()
+    select = section.locator(".overlay-select")
+    select.select_option(index=1)
+    assert overlay.is_visible()
+    assert re.search(r"/overlay/\d+$", overlay.get_attribute("src"))
+    page.wait_for_function("document.querySelector('.viewer-section img.overlay').naturalWidth > 0")
+    section.locator(".opacity").fill("40")
+    assert overlay.evaluate("el => getComputedStyle(el).opacity") == "0.4"
+    page.screenshot(path=str(SCREENSHOTS / "study.png"), full_page=True)
+    # record a verdict with a note; it is kept after a reload
+    page.fill("#note", "right lower lobe consolidation")
+    page.click("#verdict-yes")
+    page.goto(study_url)
+    assert "Current: yes by alice" in page.inner_text("#current-verdict")
+    assert "right lower lobe consolidation" in page.inner_text("#current-verdict")
+    # keyboard: 2 = no, recorded as a new row (append-only), latest counts
+    page.keyboard.press("2")
+    page.wait_for_load_state()
+    page.goto(study_url)
+    assert "Current: no by alice" in page.inner_text("#current-verdict")
+    assert [r["verdict"] for r in site["store"].verdict_rows()][-2:] == ["yes", "no"]
+    # log out and be refused
+    page.click("#logout")
+    page.goto(study_url)
+    assert "/login" in page.url
+    assert page.dialogs == []
+
+
+def test_script_payload_in_patient_name_stays_inert(site, page):
+    _login(page, site["url"])
+    assert PAYLOAD in page.inner_text("#worklist")  # shown as text
+    page.click("text=EVIL-1 >> xpath=ancestor::tr >> a.study-link")
+    page.wait_for_selector("#patient-name")
+    assert page.inner_text("#patient-name") == PAYLOAD
+    assert page.evaluate("document.querySelectorAll('script').length") == 1  # only /static/app.js
+    assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
+    assert page.dialogs == []
+
+
+def test_unauthenticated_and_cross_site_requests_are_refused(site):
+    client = site["app"].test_client()
+    assert client.get("/").status_code == 302
+    assert client.get("/image/1").status_code == 302
+    assert client.get("/verdicts.csv").status_code == 302
+    assert client.post("/study/1/verdict", data={"verdict": "yes"}).status_code in (400, 401)
+    # logged in, but a forged form without the CSRF token (what a cross-site page can send)
+    page = client.get("/login").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    assert client.post("/login", data={"username": "alice", "password": "correct horse",
+                                       "csrf_token": token}).status_code == 302
+    before = len(site["store"].verdict_rows())
+    forged = client.post("/study/1/verdict", data={"verdict": "yes"}, headers={"Origin": "https://evil.example"})
+    assert forged.status_code == 400
+    assert len(site["store"].verdict_rows()) == before
+    # only registered images are served: an id, never a path
+    assert client.get("/image/999999").status_code == 404
+    assert client.get("/image/../../etc/passwd").status_code == 404
+    response = client.get("/")
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
+    assert response.headers["Cache-Control"] == "no-store"
+    assert client.post("/login", data={"username": "alice", "password": "wrong",
+                                       "csrf_token": token}).status_code == 401
+
+
+def test_new_studies_appear_without_restart(site):
+    client = site["app"].test_client()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
+    client.post("/login", data={"username": "alice", "password": "correct horse", "csrf_token": token})
+    before = client.get("/").text.count('class="study-link"')
+    late = site["inputs"].parent / "late"
+    dicom_file(late / "new.dcm", chest_like(seed=77), PatientID="LATE-1")
+    site["scorer"].score_tree(late)
+    text = client.get("/").text
+    assert text.count('class="study-link"') == before + 1 and "LATE-1" in text
+
+
+def test_verdicts_csv_and_evaluate_against_reviews(site):
+    from batchcxr.evaluation.reviews import against_reviews
+
+    store = site["store"]
+    for study in store.studies()[:3]:
+        store.add_verdict(study.id, "bob", "yes")
+    result = against_reviews(store, ("LL",))
+    for model in ("cnn", "mobilenetv2"):
+        m = result["models"][model]
+        assert m["n"] >= 3 and m["tp"] + m["fn"] >= 3
+        assert m["sensitivity"] == m["tp"] / (m["tp"] + m["fn"])
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        store.add_verdict(1, "bob", "maybe")
