@@ -18,6 +18,11 @@ MODEL_DEFAULTS = {
     "mobilenetv2": (8, 1e-4),
 }
 
+config_option = click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                             default=None, help="TOML settings file (table [batchcxr]).")
+db_option = click.option("--db", "db_url", default=None,
+                         help="SQLAlchemy URL or SQLite file path [default: batchcxr.sqlite].")
+
 
 def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -54,6 +59,8 @@ def main(verbose: bool) -> None:
 @click.option("--translation", type=float, default=0.0, show_default=True)
 @click.option("--contrast", type=float, default=0.0, show_default=True, help="RandomContrast factor.")
 @click.option("--brightness", type=float, default=0.0, show_default=True, help="RandomBrightness factor.")
+@click.option("--equalize/--no-equalize", default=False, show_default=True,
+              help="Histogram-equalize inputs (part of the model's preprocessing contract).")
 @click.option("--fine-tune-from", default="block_13_expand", show_default=True,
               help="MobileNetV2: first backbone layer to unfreeze.")
 @click.option("--head-epochs", type=int, default=40, show_default=True)
@@ -63,7 +70,7 @@ def main(verbose: bool) -> None:
               show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
-          flip: bool, rotation: float, translation: float, contrast: float, brightness: float, fine_tune_from: str, head_epochs: int, threshold_rule: str,
+          flip: bool, rotation: float, translation: float, contrast: float, brightness: float, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
     from batchcxr.training.architectures import AugmentConfig
@@ -89,6 +96,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         tflite_path=tflite_path if model_name == "mobilenetv2" else None,
         threshold_rule=threshold_rule,
         limit_per_class=limit_per_class,
+        equalize=equalize,
     )
     result = run_train(cfg)
     click.echo(
@@ -194,10 +202,6 @@ def _settings(config: Path | None, **overrides):
         raise click.UsageError(str(exc)) from exc
 
 
-config_option = click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                             default=None, help="TOML settings file (table [batchcxr]).")
-db_option = click.option("--db", "db_url", default=None,
-                         help="SQLAlchemy URL or SQLite file path [default: batchcxr.sqlite].")
 
 
 @main.command()

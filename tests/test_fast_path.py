@@ -43,7 +43,7 @@ def test_scores_and_maps_match_the_reference(batch, name):
         assert abs(f.probability - r.probability) < 1e-3
         assert f.heatmap.shape == r.heatmap.shape
         assert np.abs(f.heatmap - r.heatmap).max() < 1e-4
-        assert f.version == keras_model.version and f.threshold == keras_model.threshold
+        assert f.model_version == keras_model.version and f.threshold == keras_model.threshold
     assert any(o.heatmap.max() == 1.0 for o in fast)  # maps are not all empty
 
 

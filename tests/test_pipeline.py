@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from html.parser import HTMLParser
@@ -12,7 +13,7 @@ import pytest
 from pydicom.uid import UID
 
 from batchcxr.dicomwrite import base_dataset, write_dicom
-from batchcxr.infer.models import load_model
+from batchcxr.infer.runtime import load_scoring_model
 from batchcxr.paths import DEMO_DIR, MODELS_DIR
 from batchcxr.pipeline import Scorer
 from batchcxr.settings import Settings
@@ -23,7 +24,7 @@ from tests.dicoms import chest_like, dicom_file, jpeg_file
 
 @pytest.fixture(scope="module")
 def models():
-    return [load_model(MODELS_DIR / "cnn"), load_model(MODELS_DIR / "mobilenetv2")]
+    return [load_scoring_model(MODELS_DIR / "cnn"), load_scoring_model(MODELS_DIR / "mobilenetv2")]
 
 
 @pytest.fixture
@@ -65,10 +66,10 @@ def test_demo_scored_reports_link_to_existing_files(tmp_path, make_scorer):
     scorer = make_scorer()
     summary = scorer.score_tree(DEMO_DIR)
     assert summary.scored == 7 and not summary.failed
-    assert sum(summary.skipped.values()) == 1  # the lateral view
+    assert summary.skipped == {"lateral view (ViewPosition LL)": 1, "not a DICOM, JPEG or PNG file": 1}  # README.md
     index = summary.index_path
     pages = [index] + sorted((index.parent / "studies").glob("*.html"))
-    assert len(pages) == 1 + 6  # 3 JPEG/PNG folders + 3 DICOM studies (one holding two views)
+    assert len(pages) == 1 + 7  # 3 JPEG/PNG folders + 4 DICOM studies (one holding two views)
     for page in pages + sorted((index.parent / "runs").glob("*.html")):
         for ref in _links(page).refs:
             assert (page.parent / ref).resolve().is_file(), f"{page.name} links missing {ref}"
@@ -98,7 +99,7 @@ def test_new_model_version_rescores(tmp_path, make_scorer, models):
     scorer = make_scorer()
     scorer.score_tree(folder)
     cnn = models[0]
-    newer = type(cnn)(cnn.name, cnn.version + "-new", cnn.threshold, cnn.card, cnn.keras_model, cnn.directory)
+    newer = dataclasses.replace(cnn, version=cnn.version + "-new")
     rescorer = Scorer(scorer.settings, scorer.store, [newer, models[1]])
     summary = rescorer.score_tree(folder)
     assert summary.scored == 1

@@ -88,7 +88,7 @@ def test_review_flow_in_a_real_browser(site, page):
     _login(page, site["url"])
     page.screenshot(path=str(SCREENSHOTS / "worklist.png"), full_page=True)
     rows = page.locator("#worklist tbody tr")
-    assert rows.count() == 7  # 6 demo studies + the evil one
+    assert rows.count() == 8  # 7 demo studies + the evil one
     page.locator("a.study-link").first.click()
     page.wait_for_selector("#verdict-form")
     study_url = page.url
@@ -156,8 +156,10 @@ def test_unauthenticated_and_cross_site_requests_are_refused(site):
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
     assert "unsafe-inline" not in response.headers["Content-Security-Policy"]
     assert response.headers["Cache-Control"] == "no-store"
-    assert client.post("/login", data={"username": "alice", "password": "wrong",
-                                       "csrf_token": token}).status_code == 401
+    fresh = site["app"].test_client()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', fresh.get("/login").text).group(1)
+    assert fresh.post("/login", data={"username": "alice", "password": "wrong", "csrf_token": token}).status_code == 401
+    assert fresh.get("/").status_code == 302
 
 
 def test_new_studies_appear_without_restart(site):

@@ -29,6 +29,9 @@ class LoadedModel:
         """P(PNEUMONIA) for a (N, 224, 224, 1) float32 batch, computed batch_size at a time."""
         import tensorflow as tf
 
+        from batchcxr.normalize.contract import equalize_of, finish_batch
+
+        batch = finish_batch(batch, equalize_of(self.card))
         fn = _compiled(self)
         out = []
         for i in range(0, len(batch), batch_size):

@@ -50,6 +50,9 @@ class CamRunner:
     def __call__(self, batch: np.ndarray) -> list[ModelOutput]:
         import tensorflow as tf
 
+        from batchcxr.normalize.contract import equalize_of, finish_batch
+
+        batch = finish_batch(batch, equalize_of(self.model.card))
         probs, acts, grads = self.fn(tf.convert_to_tensor(batch, dtype=tf.float32))
         maps = gradcam(acts.numpy(), grads.numpy())
         m = self.model

@@ -17,6 +17,7 @@ import numpy as np
 from batchcxr.domain import ModelOutput
 from batchcxr.infer.gradcam import normalize_cams
 from batchcxr.modelcard import read_card, sha256_file
+from batchcxr.normalize.contract import equalize_of, finish_batch
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,13 @@ class ScoringModel:
     threshold: float
     session: Any
     """onnxruntime.InferenceSession of scoring.onnx."""
+    equalize: bool = False
+    """The card's preprocessing step (normalize.contract.finish_batch)."""
 
     def run(self, batch: np.ndarray) -> list[ModelOutput]:
         """Probabilities and [0, 1] Grad-CAM maps for a (N, 224, 224, 1) float32 batch."""
-        probability, cam = self.session.run(["probability", "cam"], {"image": np.ascontiguousarray(batch, np.float32)})
+        x = np.ascontiguousarray(finish_batch(batch, self.equalize))
+        probability, cam = self.session.run(["probability", "cam"], {"image": x})
         maps = normalize_cams(cam)
         return [ModelOutput(self.name, self.version, float(p), self.threshold, m) for p, m in zip(probability, maps)]
 
@@ -63,4 +67,5 @@ def load_scoring_model(model_dir: Path, threads: int = 0) -> ScoringModel:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     log.info("loaded %s (%s) for scoring", card["name"], card["version"])
-    return ScoringModel(card["name"], card["version"], float(card["threshold"]["value"]), session)
+    return ScoringModel(card["name"], card["version"], float(card["threshold"]["value"]), session,
+                        equalize_of(card))

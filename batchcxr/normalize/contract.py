@@ -2,8 +2,10 @@
 
 Both models take the same input: a float32 tensor of shape (224, 224, 1)
 holding 8-bit grayscale values in [0, 255]. Each model rescales inside its own
-graph, so this one function is all that stands between a decoded image and
-either model. Its parameters are written into every model card.
+graph. ``to_model_input`` (resize) is shared by all models; ``finish_batch``
+applies a model's own optional step (histogram equalization) as its card says.
+Training, evaluation and scoring all go through these two functions, and their
+parameters are written into every model card.
 """
 
 from __future__ import annotations
@@ -23,12 +25,29 @@ class PreprocessContract:
     resize: str = "cv2.INTER_AREA, aspect ratio not kept (squashed to a square)"
     value_range: str = "float32 0..255 from 8-bit grayscale; scaling is inside the model"
     grayscale: str = "cv2 IMREAD_GRAYSCALE for JPEG/PNG; DICOM via normalize.dicom to 8 bit"
+    equalize: bool = False
+    """Global histogram equalization (cv2.equalizeHist) of the 224 x 224 image, per model."""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
 CONTRACT = PreprocessContract()
+
+
+def equalize_of(card: dict) -> bool:
+    """Whether a model (by its card) wants histogram-equalized input."""
+    return bool(card.get("preprocessing", {}).get("equalize", False))
+
+
+def finish_batch(batch: np.ndarray, equalize: bool) -> np.ndarray:
+    """A model's own last step on a (N, size, size, 1) batch of 0..255 values; float32 out."""
+    if not equalize:
+        return np.asarray(batch, dtype=np.float32)
+    out = np.empty(batch.shape, dtype=np.float32)
+    for i, image in enumerate(batch):
+        out[i, ..., 0] = cv2.equalizeHist(np.asarray(image[..., 0], dtype=np.uint8))
+    return out
 
 
 def to_model_input(gray: np.ndarray, size: int = CONTRACT.input_size) -> np.ndarray:

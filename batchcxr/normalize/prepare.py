@@ -135,8 +135,11 @@ def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_ke
         ds = parse_dicom(data, force=source.kind != FileKind.DICOM)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
         return _reject(source, ImageStatus.FAILED, FailStage.PARSE, f"corrupt DICOM: {exc}")
-    if source.kind == FileKind.OTHER and not _looks_like_dicom(ds):
-        return _reject(source, ImageStatus.SKIPPED, FailStage.SNIFF, "not a DICOM, JPEG or PNG file")
+    if not _looks_like_dicom(ds):
+        if source.kind == FileKind.OTHER:
+            return _reject(source, ImageStatus.SKIPPED, FailStage.SNIFF, "not a DICOM, JPEG or PNG file")
+        return _reject(source, ImageStatus.FAILED, FailStage.PARSE,
+                       "corrupt DICOM: DICM preamble but no SOP Class, Study UID or pixel data")
     try:
         study, image = study_info(ds, folder_key), image_info(ds)
     except Exception as exc:  # noqa: BLE001 - any malformed element

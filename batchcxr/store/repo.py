@@ -105,6 +105,7 @@ class Store:
         if study is None:
             study = Study(study_key=info.study_key)
             s.add(study)
+            s.flush()  # visible to the next lookup in this transaction (autoflush is off)
         for field in ("patient_name", "patient_id", "accession_number", "study_date", "study_description"):
             value = getattr(info, field)
             if value:
@@ -116,7 +117,7 @@ class Store:
     def _image(s: Session, sha256: str) -> Image:
         image = s.scalars(select(Image).where(Image.content_sha256 == sha256)).first()
         if image is None:
-            image = Image(content_sha256=sha256)
+            image = Image(content_sha256=sha256, path="", kind="", status="")
             s.add(image)
         return image
 

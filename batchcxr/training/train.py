@@ -20,7 +20,7 @@ import numpy as np
 
 from batchcxr.evaluation.metrics import binary_metrics, choose_threshold
 from batchcxr.modelcard import WEIGHTS_FILE, model_version, sha256_file, write_card
-from batchcxr.normalize.contract import CONTRACT
+from batchcxr.normalize.contract import PreprocessContract, finish_batch
 from batchcxr.training.architectures import (
     AugmentConfig,
     build_augmenter,
@@ -70,6 +70,8 @@ class TrainConfig:
     threshold_rule: str = "eer"
     limit_per_class: int | None = None
     """Use at most this many images per class (quick runs, tests)."""
+    equalize: bool = False
+    """Histogram-equalize each input (recorded in the card's preprocessing contract)."""
 
 
 @dataclass
@@ -242,6 +244,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     log.info("train %d images, validation %d images (patient-level split)", len(train_items), len(val_items))
     x_tr, y_tr = load_images(train_items)
     x_va, y_va = load_images(val_items)
+    if cfg.equalize:
+        x_tr = finish_batch(x_tr, True).astype(np.uint8)
+        x_va = finish_batch(x_va, True).astype(np.uint8)
 
     model = _build(cfg)
     epochs_run = 0
@@ -268,7 +273,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     hyper = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in asdict(cfg).items()
-        if k not in ("data_dir", "out_dir", "tflite_path", "augment")
+        if k not in ("data_dir", "out_dir", "tflite_path", "augment", "equalize")
     }
     hyper["augment"] = asdict(cfg.augment)
     hyper["optimizer"] = "Adam"
@@ -279,7 +284,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "model": cfg.model,
         "version": model_version(out.name, digest),
         "architecture": {"summary": _architecture_summary(model, cfg), "parameters": int(model.count_params())},
-        "preprocessing": CONTRACT.as_dict(),
+        "preprocessing": PreprocessContract(equalize=cfg.equalize).as_dict(),
         "output": "P(PNEUMONIA), sigmoid; label PNEUMONIA when probability >= threshold",
         "threshold": {
             "value": threshold,
