@@ -1,0 +1,55 @@
+"""The command line as an administrator uses it: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from batchcxr.paths import DEMO_DIR
+
+from tests.dicoms import dicom_file
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batchcxr.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_score_demo_then_export(tmp_path):
+    shutil.copytree(DEMO_DIR, tmp_path / "demo")
+    first = _run("score", "demo", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "scored     7" in first.stdout and "lateral view (ViewPosition LL)" in first.stdout
+    report = Path(first.stdout.strip().splitlines()[-1].removeprefix("report: "))
+    assert report.is_file() and report.parent == tmp_path / "batchcxr-reports"
+    again = _run("score", "demo", cwd=tmp_path)
+    assert "scored     0" in again.stdout and "unchanged  9" in again.stdout
+    exported = _run("export", "--format", "json", cwd=tmp_path)
+    rows = json.loads(exported.stdout)
+    assert len(rows) == 14 and {r["model_name"] for r in rows} == {"cnn", "mobilenetv2"}
+    assert all(0 <= r["probability"] <= 1 and r["label"] in ("NORMAL", "PNEUMONIA") for r in rows)
+    csv_out = _run("export", "--format", "csv", "--out", "x.csv", cwd=tmp_path)
+    assert csv_out.returncode == 0 and (tmp_path / "x.csv").read_text().count("\n") == 15
+
+
+def test_exit_code_one_when_a_file_failed(tmp_path):
+    folder = tmp_path / "in"
+    dicom_file(folder / "ok.dcm")
+    (folder / "empty.dcm").write_bytes(b"")
+    out = _run("score", str(folder), "--db", str(tmp_path / "r.sqlite"), "--reports", str(tmp_path / "rep"),
+               cwd=tmp_path)
+    assert out.returncode == 1
+    assert "failed     1" in out.stdout and "empty file (0 bytes)" in out.stdout
+
+
+def test_bad_settings_exit_two_and_missing_models_exit_three(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[batchcxr]\nbatch_size = 0\n")
+    (tmp_path / "in").mkdir()
+    assert _run("score", "in", "--config", str(cfg), cwd=tmp_path).returncode == 2
+    cfg.write_text(f'[batchcxr]\nmodels = ["{tmp_path / "nope"}"]\n')
+    out = _run("score", "in", "--config", str(cfg), cwd=tmp_path)
+    assert out.returncode == 3 and "model card not found" in out.stderr
