@@ -136,3 +136,38 @@ def test_structured_report_is_skipped(tmp_path):
     del ds.PixelData
     result = _prepare(write_dicom(tmp_path / "sr.dcm", ds))
     assert isinstance(result, Rejection) and "non-image object (structured report" in result.reason
+
+
+def test_large_jpeg_baseline_dicom_uses_reduced_decode_and_matches_full(tmp_path):
+    import cv2
+
+    big = cv2.resize(chest_like(), (1100, 1200), interpolation=cv2.INTER_CUBIC)
+    result = _prepare(dicom_file(tmp_path / "big.dcm", big, "jpeg-baseline"))
+    assert isinstance(result, PreparedImage)
+    ds = pydicom.dcmread(tmp_path / "big.dcm")
+    from batchcxr.normalize.contract import to_model_input
+    from batchcxr.normalize.dicom import dataset_to_gray
+
+    full, _ = dataset_to_gray(ds, ds.pixel_array)  # full-size decode by pydicom's plugins
+    reference = to_model_input(full)
+    assert result.image.rows == 1200 and result.image.columns == 1100
+    # DCT-scaled decoding smooths the noise extremes, so the min..max stretch differs a little
+    assert np.abs(result.model_input - reference).mean() < 4.0
+    assert np.corrcoef(result.model_input.ravel(), reference.ravel())[0, 1] > 0.99
+    assert max(result.display.shape) == 512
+
+
+def test_large_jpeg_file_is_decoded_reduced(tmp_path):
+    import cv2
+
+    from batchcxr.normalize.contract import decode_image_bytes, to_model_input
+
+    big = cv2.resize(chest_like(), (1000, 1800), interpolation=cv2.INTER_CUBIC)
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    result = _prepare(path)
+    assert isinstance(result, PreparedImage)
+    assert "decoded at 1/2 size" in result.qc_notes[0]
+    assert (result.image.rows, result.image.columns) == (1800, 1000)
+    reference = to_model_input(decode_image_bytes(path.read_bytes()))
+    assert np.abs(result.model_input - reference).mean() < 2.0
