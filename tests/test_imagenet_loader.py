@@ -4,9 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the test photos (pip install -e .[test])")
+import skimage.data as skimage_data  # test extra: ships the test photos
 
-from batchcxr.training.imagenet import imagenet_mobilenetv2, read_tflite_layers  # noqa: E402
+from batchcxr.training.imagenet import imagenet_mobilenetv2, read_tflite_layers
 
 # scikit-image photo -> ImageNet class index
 EXPECTED = {"chelsea": 285, "coffee": 967, "rocket": 657}

@@ -172,7 +172,7 @@ def save_for_inference(model, path: Path) -> None:
     """Save architecture and weights only (no optimizer state: a third of the size)."""
     import keras
 
-    clean = keras.models.clone_model(model)
+    clean = keras.Model.from_config(model.get_config())  # not compiled: no optimizer state
     clean.set_weights(model.get_weights())
     clean.save(path)
 
