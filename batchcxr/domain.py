@@ -76,7 +76,7 @@ class PreparedImage:
     display: np.ndarray
     """uint8 grayscale image for reports, longest side at most the display size."""
     model_input: np.ndarray
-    """float32 (224, 224, 1), the preprocessing contract."""
+    """uint8 (224, 224, 1): the preprocessing contract's resize (normalize.contract.to_model_input)."""
     qc_notes: list[str] = field(default_factory=list)
 
 

@@ -14,7 +14,7 @@ import time
 import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from batchcxr.domain import FailStage, ImageStatus, PreparedImage, Rejection, So
 from batchcxr.infer.runtime import ScoringModel, load_scoring_model
 from batchcxr.ingest.files import read_source, walk
 from batchcxr.normalize.prepare import prepare
-from batchcxr.report.overlay import blend_heatmap, encode_png
+from batchcxr.report.overlay import IMAGE_SUFFIX, blend_heatmap, encode_image
 from batchcxr.report.render import ReportWriter, atomic_write
 from batchcxr.settings import QualitySettings, Settings
 from batchcxr.store.repo import ScoredImage, Store
@@ -117,7 +117,7 @@ class Scorer:
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> Scorer:
-        return cls(settings, store, [load_scoring_model(p) for p in settings.models])
+        return cls(settings, store, [load_scoring_model(p, settings.model_threads) for p in settings.models])
 
     @property
     def versions(self) -> list[str]:
@@ -152,16 +152,18 @@ class Scorer:
         out = self.settings.reports_dir
         stem = item.source.sha256[:24]
         shown = item.display
-        display_rel = f"images/{stem}.png"
-        atomic_write(out / display_rel, encode_png(shown))
+        display_rel = f"images/{stem}{IMAGE_SUFFIX}"
+        atomic_write(out / display_rel, encode_image(shown))
         overlays = {}
         for o in outputs:
-            rel = f"images/{stem}-{o.model_name}.png"
-            atomic_write(out / rel, encode_png(blend_heatmap(shown, o.heatmap, self.settings.overlay_alpha)))
+            rel = f"images/{stem}-{o.model_name}{IMAGE_SUFFIX}"
+            atomic_write(out / rel, encode_image(blend_heatmap(shown, o.heatmap, self.settings.overlay_alpha)))
             overlays[o.model_name] = rel
         return display_rel, overlays
 
     def _score_batch(self, run_id: int, batch: list[PreparedImage], summary: RunSummary, changed: set[str]) -> None:
+        """Run the models on one batch, then hand its images and rows to the writer thread, so
+        the next batch's inference overlaps this batch's overlays, JPEGs and database rows."""
         import numpy as np
 
         try:
@@ -175,18 +177,29 @@ class Scorer:
                                     p.study, p.image, _digest(exc)) for p in batch]
             self._record_rejections(run_id, rejections, summary, changed)
             return
+        self._wait_for_writer()  # at most one batch waits to be written: memory stays flat
+        self._writing = self._writer.submit(self._write_batch, run_id, batch, per_image, summary, changed)
+
+    def _wait_for_writer(self) -> None:
+        if self._writing is not None:
+            self._writing.result()  # re-raises a writer error here
+            self._writing = None
+
+    def _write_batch(self, run_id: int, batch: list[PreparedImage], per_image, summary: RunSummary,
+                     changed: set[str]) -> None:
+        """Overlays and JPEGs first, then the rows: the database never names a missing file."""
         scored = []
         t0 = time.perf_counter()
         for item, outputs in zip(batch, per_image):
             display, overlays = self._write_images(item, outputs)
-            scored.append(ScoredImage(item, outputs, display, overlays))
-            changed.add(item.study.study_key)
+            scored.append(ScoredImage(item, list(outputs), display, overlays))
         t1 = time.perf_counter()
         self.store.record_scored(run_id, scored)
         summary.stages["images"] += t1 - t0
         summary.stages["store"] += time.perf_counter() - t1
         summary.scored += len(scored)
         for item in batch:
+            changed.add(item.study.study_key)
             summary.files[item.source.path] = FileOutcome(item.source.sha256, ImageStatus.SCORED.value)
 
     def _record_rejections(self, run_id: int, rejections: list[Rejection], summary: RunSummary, changed: set[str]) -> None:
@@ -230,6 +243,8 @@ class Scorer:
                 self._record_rejections(run_id, rejections, summary, changed)
             chunk.clear()
 
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchcxr-writer")
+        self._writing = None
         try:
             for prepared in self._prepared_stream(root, paths):
                 summary.stages["prepare"] += prepared.seconds
@@ -244,11 +259,13 @@ class Scorer:
             flush_chunk()
             if pending:
                 self._score_batch(run_id, pending, summary, changed)
+            self._wait_for_writer()
             status = "finished"
         except BaseException:
             status = "interrupted"
             raise
         finally:
+            self._writer.shutdown(wait=True)
             summary.seconds = time.monotonic() - start
             self.store.finish_run(run_id, scored=summary.scored, skipped=sum(summary.skipped.values()),
                                   failed=sum(summary.failed.values()), unchanged=summary.unchanged,

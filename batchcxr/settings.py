@@ -100,6 +100,8 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     decode_workers: int = 1
     """Processes that read and decode files while the main process runs the models (0: none)."""
+    model_threads: int = 0
+    """ONNX Runtime threads per model (0: one per core)."""
     lock_file: Path = Path("batchcxr-score.lock")
     """`batchcxr score --since` (the nightly job) holds this lock so two runs never overlap."""
 

@@ -15,10 +15,11 @@ from batchcxr.settings import load_settings
 from batchcxr.store.repo import Store
 
 
-def main(folder: str, decode_workers: str = "1") -> None:
+def main(folder: str, decode_workers: str = "1", model_threads: str = "0") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(None, {"db_url": f"{tmp}/r.sqlite", "reports_dir": Path(tmp) / "reports",
-                                        "decode_workers": int(decode_workers)})
+                                        "decode_workers": int(decode_workers),
+                                        "model_threads": int(model_threads)})
         start = time.perf_counter()
         store = Store.open(settings.sqlalchemy_url)
         scorer = Scorer.from_settings(settings, store)
@@ -27,12 +28,11 @@ def main(folder: str, decode_workers: str = "1") -> None:
         summary = scorer.score_paths(Path(folder), paths)
         store.close()
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({
         "files": len(paths), "scored": summary.scored, "failed": sum(summary.failed.values()),
         "seconds": summary.seconds, "images_per_s": summary.scored / summary.seconds,
         "load_seconds": load_seconds, "stages": dict(summary.stages),
-        "peak_rss_mb": own, "peak_rss_worker_mb": children,
+        "peak_rss_mb": own,
     }))
 
 

@@ -179,7 +179,7 @@ def test_markup_in_dicom_fields_is_inert_and_chooses_no_path(tmp_path, make_scor
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
         assert _links(page).scripts == 0
     written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert all(re.fullmatch(r"(index\.html|style\.css|runs/run-\d+\.html|studies/[0-9a-f]{16}\.html|images/[0-9a-f]{24}(-\w+)?\.png)", w)
+    assert all(re.fullmatch(r"(index\.html|style\.css|runs/run-\d+\.html|studies/[0-9a-f]{16}\.html|images/[0-9a-f]{24}(-\w+)?\.jpg)", w)
                for w in written), written
     assert not Path("/tmp/owned").exists()
 

@@ -65,6 +65,8 @@ def load_scoring_model(model_dir: Path, threads: int = 0) -> ScoringModel:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # Idle ORT threads would spin, taking the CPU the decode workers and the writer need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     log.info("loaded %s (%s) for scoring", card["name"], card["version"])
     return ScoringModel(card["name"], card["version"], float(card["threshold"]["value"]), session,

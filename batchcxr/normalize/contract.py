@@ -43,7 +43,7 @@ def equalize_of(card: dict) -> bool:
 def finish_batch(batch: np.ndarray, equalize: bool) -> np.ndarray:
     """A model's own last step on a (N, size, size, 1) batch of 0..255 values; float32 out."""
     if not equalize:
-        return np.asarray(batch, dtype=np.float32)
+        return np.asarray(batch, dtype=np.float32)  # uint8 0..255 -> float32 0..255
     out = np.empty(batch.shape, dtype=np.float32)
     for i, image in enumerate(batch):
         out[i, ..., 0] = cv2.equalizeHist(np.asarray(image[..., 0], dtype=np.uint8))
@@ -63,13 +63,14 @@ def to_model_input(gray: np.ndarray, size: int = CONTRACT.input_size) -> np.ndar
     Returns
     -------
     numpy.ndarray
-        float32 array of shape (size, size, 1), values 0..255.
+        uint8 array of shape (size, size, 1), values 0..255 (``finish_batch`` makes the float32
+        tensor the models take; uint8 is a quarter of the bytes between processes).
     """
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"gray must be a 2-D uint8 array, found {gray.dtype} {gray.shape}")
     if gray.shape != (size, size):
         gray = cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
-    return gray.astype(np.float32)[..., np.newaxis]
+    return gray[..., np.newaxis]
 
 
 REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,

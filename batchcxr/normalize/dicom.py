@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -65,6 +66,24 @@ def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
             frame = next(generate_frames(ds.PixelData, number_of_frames=1))
             return decode_image_bytes(frame, reduce=factor)
     return ds.pixel_array
+
+
+def shrink_stored(ds: Dataset, pixels: np.ndarray, keep_short: int, keep_long: int) -> np.ndarray:
+    """Downscale a large grayscale frame (INTER_AREA, float32) before the value transforms.
+
+    Rescale and windowing are per pixel, so doing them after an area resize costs a fraction of
+    the work and changes the result only where the window clips. Frames that go through lookup
+    tables (Modality/VOI LUT Sequence, palette) need their integer values and are left alone.
+    """
+    if pixels.ndim != 2 or any(k in ds for k in ("ModalityLUTSequence", "VOILUTSequence")):
+        return pixels
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        return pixels
+    factor = reduction_factor(pixels.shape[0], pixels.shape[1], keep_short, keep_long)
+    if factor == 1:
+        return pixels
+    size = (pixels.shape[1] // factor, pixels.shape[0] // factor)
+    return cv2.resize(pixels.astype(np.float32), size, interpolation=cv2.INTER_AREA)
 
 
 def dataset_to_gray(ds: Dataset, pixels: np.ndarray) -> tuple[np.ndarray, Presentation]:

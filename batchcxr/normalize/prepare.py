@@ -32,7 +32,7 @@ from batchcxr.normalize.contract import (
     reduction_factor,
     to_model_input,
 )
-from batchcxr.normalize.dicom import dataset_to_gray, decode_pixels
+from batchcxr.normalize.dicom import dataset_to_gray, decode_pixels, shrink_stored
 from batchcxr.settings import SECONDARY_CAPTURE_SOP_CLASSES, QualitySettings
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_ke
             study, image,
         )
     try:
-        arr = decode_pixels(ds, KEEP_SHORT, display_size)
+        arr = shrink_stored(ds, decode_pixels(ds, KEEP_SHORT, display_size), KEEP_SHORT, display_size)
         gray, presentation = dataset_to_gray(ds, arr)
     except NotImplementedError as exc:
         return _reject(source, ImageStatus.FAILED, FailStage.DECODE,

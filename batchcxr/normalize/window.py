@@ -19,7 +19,7 @@ def apply_window(
     function : str
         VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID.
     """
-    x = arr.astype(np.float64)
+    x = arr.astype(np.float32, copy=False)
     function = (function or "LINEAR").upper()
     if function == "SIGMOID":
         if width <= 0:
@@ -36,7 +36,7 @@ def apply_window(
 
 def rescale_to_unit(arr: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
     """Map [low, high] (default: the array's own min and max) linearly onto [0, 1]."""
-    x = arr.astype(np.float64)
+    x = arr.astype(np.float32, copy=False)
     low = float(x.min()) if low is None else low
     high = float(x.max()) if high is None else high
     if high <= low:

@@ -106,12 +106,16 @@ class Store:
             study = Study(study_key=info.study_key)
             s.add(study)
             s.flush()  # visible to the next lookup in this transaction (autoflush is off)
+        Store._update_study(study, info, utcnow())
+        return study
+
+    @staticmethod
+    def _update_study(study: Study, info: StudyInfo, now: dt.datetime) -> None:
         for field in ("patient_name", "patient_id", "accession_number", "study_date", "study_description"):
             value = getattr(info, field)
             if value:
                 setattr(study, field, value)
-        study.updated_at = utcnow()
-        return study
+        study.updated_at = now
 
     @staticmethod
     def _image(s: Session, sha256: str) -> Image:
@@ -122,11 +126,29 @@ class Store:
         return image
 
     def record_scored(self, run_id: int, items: Sequence[ScoredImage]) -> None:
+        """Upsert the studies, images and predictions of one batch in one transaction
+        (three look-up queries for the whole batch, not a few per image)."""
         with self.session() as s, s.begin():
+            keys = {i.prepared.study.study_key for i in items}
+            studies = {st.study_key: st for st in s.scalars(select(Study).where(Study.study_key.in_(keys)))}
+            shas = [i.prepared.source.sha256 for i in items]
+            images = {im.content_sha256: im for im in s.scalars(select(Image).where(Image.content_sha256.in_(shas)))}
+            known_ids = [im.id for im in images.values()]
+            preds = {(pr.image_id, pr.model_version): pr for pr in s.scalars(
+                select(Prediction).where(Prediction.image_id.in_(known_ids)))} if known_ids else {}
+            now = utcnow()
+            rows = []
             for item in items:
                 p = item.prepared
-                study = self._study(s, p.study)
-                image = self._image(s, p.source.sha256)
+                study = studies.get(p.study.study_key)
+                if study is None:
+                    study = studies[p.study.study_key] = Study(study_key=p.study.study_key)
+                    s.add(study)
+                self._update_study(study, p.study, now)
+                image = images.get(p.source.sha256)
+                if image is None:
+                    image = images[p.source.sha256] = Image(content_sha256=p.source.sha256)
+                    s.add(image)
                 image.study = study
                 image.path, image.kind = str(p.source.path), p.source.kind.value
                 image.sop_instance_uid, image.modality = p.image.sop_instance_uid, p.image.modality
@@ -134,18 +156,20 @@ class Store:
                 image.status, image.reason = ImageStatus.SCORED.value, ""
                 image.qc_notes = "; ".join(p.qc_notes)
                 image.display_path = item.display_path
-                image.updated_at = utcnow()
-                s.flush()
+                image.updated_at = now
+                rows.append((item, image))
+            s.flush()  # ids for new images
+            for item, image in rows:
                 for out in item.outputs:
-                    pred = s.scalars(select(Prediction).where(
-                        Prediction.image_id == image.id, Prediction.model_version == out.model_version)).first()
+                    pred = preds.get((image.id, out.model_version))
                     if pred is None:
-                        pred = Prediction(image_id=image.id, model_version=out.model_version)
+                        pred = preds[(image.id, out.model_version)] = Prediction(
+                            image_id=image.id, model_version=out.model_version)
                         s.add(pred)
                     pred.run_id, pred.model_name = run_id, out.model_name
                     pred.probability, pred.label, pred.threshold = out.probability, out.label, out.threshold
                     pred.heatmap_path = item.overlay_paths.get(out.model_name, "")
-                    pred.created_at = utcnow()
+                    pred.created_at = now
 
     def record_rejections(self, run_id: int, rejections: Sequence[Rejection]) -> None:
         with self.session() as s, s.begin():
