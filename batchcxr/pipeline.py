@@ -53,7 +53,7 @@ class RunSummary:
     seconds: float = 0.0
     stages: Counter = field(default_factory=Counter)
     """Seconds per stage: prepare (read + decode + normalize, summed over workers), infer,
-    images (overlays and PNGs), store, report."""
+    images (overlays and report JPEGs), store, report."""
     index_path: Path | None = None
 
     @property

@@ -50,8 +50,8 @@ def test_bad_settings_name_the_problem(tmp_path, text, match):
 def test_every_setting_is_documented_in_readme():
     from dataclasses import fields
 
-    from batchcxr.settings import QualitySettings
+    from batchcxr.settings import QualitySettings, WatchSettings, WebSettings
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for f in [*fields(Settings), *fields(QualitySettings)]:
+    for f in [*fields(Settings), *fields(QualitySettings), *fields(WatchSettings), *fields(WebSettings)]:
         assert f"`{f.name}`" in readme, f"setting {f.name} is not documented in README.md"

@@ -231,7 +231,7 @@ class Store:
                              .options(selectinload(Study.images).selectinload(Image.predictions))).first()
 
     def image_file(self, image_id: int) -> str | None:
-        """The display PNG of an image (relative to the reports folder), as recorded."""
+        """The display image of an image row (relative to the reports folder), as recorded."""
         with self.session() as s:
             image = s.get(Image, image_id)
             return image.display_path if image and image.display_path else None

@@ -66,7 +66,7 @@ class Image(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     qc_notes: Mapped[str] = mapped_column(Text, default="")
     display_path: Mapped[str] = mapped_column(Text, default="")
-    """Plain display PNG, relative to the reports folder."""
+    """Plain display image (JPEG), relative to the reports folder."""
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     study: Mapped[Study | None] = relationship(back_populates="images")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="image")
@@ -84,7 +84,7 @@ class Prediction(Base):
     label: Mapped[str] = mapped_column(String(16))
     threshold: Mapped[float] = mapped_column(Float)
     heatmap_path: Mapped[str] = mapped_column(Text, default="")
-    """Grad-CAM overlay PNG, relative to the reports folder."""
+    """Grad-CAM overlay image (JPEG), relative to the reports folder."""
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     image: Mapped[Image] = relationship(back_populates="predictions")
 
