@@ -98,21 +98,22 @@ def test_review_flow_in_a_real_browser(site, page):
     assert overlay.is_hidden()
     select = section.locator(".overlay-select")
     select.select_option(index=1)
-    assert overlay.is_visible()
     assert re.search(r"/overlay/\d+$", overlay.get_attribute("src"))
-    page.wait_for_function("document.querySelector('.viewer-section img.overlay').naturalWidth > 0")
+    overlay.wait_for(state="visible", timeout=10_000)  # has a box once loaded
+    assert overlay.evaluate("el => el.naturalWidth") > 0  # the overlay JPEG really loaded
     section.locator(".opacity").fill("40")
     assert overlay.evaluate("el => getComputedStyle(el).opacity") == "0.4"
     page.screenshot(path=str(SCREENSHOTS / "study.png"), full_page=True)
     # record a verdict with a note; it is kept after a reload
     page.fill("#note", "right lower lobe consolidation")
-    page.click("#verdict-yes")
+    with page.expect_navigation():  # the POST and its redirect complete before we reload
+        page.click("#verdict-yes")
     page.goto(study_url)
     assert "Current: yes by alice" in page.inner_text("#current-verdict")
     assert "right lower lobe consolidation" in page.inner_text("#current-verdict")
     # keyboard: 2 = no, recorded as a new row (append-only), latest counts
-    page.keyboard.press("2")
-    page.wait_for_load_state()
+    with page.expect_navigation():
+        page.keyboard.press("2")
     page.goto(study_url)
     assert "Current: no by alice" in page.inner_text("#current-verdict")
     assert [r["verdict"] for r in site["store"].verdict_rows()][-2:] == ["yes", "no"]
