@@ -114,6 +114,9 @@ class Scorer:
         self.store = store
         self.models = models
         self.reports = ReportWriter(settings.reports_dir, settings.quality.lateral_views)
+        self._writer: ThreadPoolExecutor | None = None
+        """Per run: the thread that writes a batch's images and rows while the next batch is scored."""
+        self._writing = None
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> Scorer:
@@ -124,9 +127,8 @@ class Scorer:
         return [m.version for m in self.models]
 
     # stage helpers ---------------------------------------------------------
-    def _prepared_stream(self, root: Path, paths: Iterable[Path]) -> Iterator[Prepared]:
+    def _prepared_stream(self, root: Path, paths: list[Path]) -> Iterator[Prepared]:
         """prepare_file over paths, in order; in worker processes when configured and worth it."""
-        paths = list(paths) if not isinstance(paths, list) else paths
         q, size = self.settings.quality, self.settings.display_size
         workers = self.settings.decode_workers
         if workers < 1 or len(paths) < 2 * self.settings.batch_size:
