@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from batchcxr.modelcard import read_card, sha256_file
+from batchcxr.normalize.contract import equalize_of, finish_batch
 
 log = logging.getLogger(__name__)
 
@@ -24,33 +25,22 @@ class LoadedModel:
     card: dict[str, Any]
     keras_model: Any
     directory: Path
+    _compiled: Any = field(default=None, repr=False, compare=False)
 
     def predict(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """P(PNEUMONIA) for a (N, 224, 224, 1) float32 batch, computed batch_size at a time."""
+        """P(PNEUMONIA) for a (N, 224, 224, 1) batch of 0..255 values, computed batch_size at a time."""
         import tensorflow as tf
 
-        from batchcxr.normalize.contract import equalize_of, finish_batch
-
         batch = finish_batch(batch, equalize_of(self.card))
-        fn = _compiled(self)
+        if self._compiled is None:
+            km = self.keras_model
+            self._compiled = tf.function(lambda x: km(x, training=False), reduce_retracing=True)
+        fn = self._compiled
         out = []
         for i in range(0, len(batch), batch_size):
             chunk = tf.convert_to_tensor(batch[i : i + batch_size], dtype=tf.float32)
             out.append(fn(chunk).numpy().ravel())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-_COMPILED: dict[int, Any] = {}
-
-
-def _compiled(model: LoadedModel):
-    import tensorflow as tf
-
-    key = id(model.keras_model)
-    if key not in _COMPILED:
-        km = model.keras_model
-        _COMPILED[key] = tf.function(lambda x: km(x, training=False), reduce_retracing=True)
-    return _COMPILED[key]
 
 
 def load_model(model_dir: Path, verify: bool = True) -> LoadedModel:

@@ -16,6 +16,7 @@ import numpy as np
 from batchcxr.domain import ModelOutput
 from batchcxr.infer.gradcam import gradcam
 from batchcxr.infer.models import LoadedModel
+from batchcxr.normalize.contract import equalize_of, finish_batch
 from batchcxr.training.architectures import CAM_LAYER, OUTPUT_LAYER
 
 
@@ -49,8 +50,6 @@ class CamRunner:
 
     def __call__(self, batch: np.ndarray) -> list[ModelOutput]:
         import tensorflow as tf
-
-        from batchcxr.normalize.contract import equalize_of, finish_batch
 
         batch = finish_batch(batch, equalize_of(self.model.card))
         probs, acts, grads = self.fn(tf.convert_to_tensor(batch, dtype=tf.float32))
