@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.uid import UID
 
 from batchcxr.dicomwrite import base_dataset, write_dicom
 from batchcxr.infer.runtime import load_scoring_model

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from io import BytesIO
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
