@@ -66,12 +66,16 @@ def main(verbose: bool) -> None:
 @click.option("--head-epochs", type=int, default=40, show_default=True)
 @click.option("--threshold-rule", default="eer", show_default=True, help="eer, youden or recall:R.")
 @click.option("--limit-per-class", type=int, default=None, help="Quick runs: at most N images per class.")
+@click.option("--split", "split_rule", type=click.Choice(["random", "earliest"]), default="random", show_default=True,
+              help="Validation patients: shuffled, or the lowest-numbered of each name series (a temporal hold-out).")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True,
+              help="Binary cross-entropy label smoothing (against over-confident scores).")
 @click.option("--imagenet-tflite", "tflite_path", type=click.Path(path_type=Path), default=DEFAULT_TFLITE,
               show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
           flip: bool, rotation: float, translation: float, contrast: float, brightness: float, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
-          limit_per_class: int | None, tflite_path: Path) -> None:
+          limit_per_class: int | None, split_rule: str, label_smoothing: float, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
     from batchcxr.training.architectures import AugmentConfig
     from batchcxr.training.train import TrainConfig, train as run_train
@@ -97,6 +101,8 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         threshold_rule=threshold_rule,
         limit_per_class=limit_per_class,
         equalize=equalize,
+        split=split_rule,  # type: ignore[arg-type]
+        label_smoothing=label_smoothing,
     )
     result = run_train(cfg)
     click.echo(

@@ -48,3 +48,18 @@ def test_split_is_seeded():
 def test_list_split_names_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="NORMAL"):
         list_split(tmp_path)
+
+
+def test_earliest_split_holds_out_the_lowest_numbers_of_each_series():
+    items = _items() + [LabelledImage(Path(f"NORMAL/NORMAL2-IM-{p:04d}-0001.jpeg"), 0) for p in range(500, 520)]
+    train, val = patient_split(items, 0.2, seed=1, rule="earliest")
+    assert {i.patient for i in train}.isdisjoint({i.patient for i in val})
+    val_patients = {i.patient for i in val}
+    # each series gives its own lowest-numbered fifth: persons 0.., IM-0000.., NORMAL2-IM-0500..
+    assert {"person0", "IM-0000", "NORMAL2-IM-0500"} <= val_patients
+    assert not {"person39", "IM-0019", "NORMAL2-IM-0519"} & val_patients
+    for series in ("person", "IM-", "NORMAL2-IM-"):
+        of_series = [i for i in items if i.patient.rstrip("0123456789") == series]
+        share = sum(i in val for i in of_series) / len(of_series)
+        assert 0.2 <= share <= 0.3, series
+    assert patient_split(items, 0.2, seed=1, rule="earliest") == patient_split(items, 0.2, seed=9, rule="earliest")

@@ -9,6 +9,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -75,16 +76,31 @@ def limit_per_class(items: list[LabelledImage], n: int, seed: int) -> list[Label
     return out
 
 
-def patient_split(
-    items: list[LabelledImage], val_fraction: float, seed: int
-) -> tuple[list[LabelledImage], list[LabelledImage]]:
-    """Stratified, seeded train/validation split that keeps each patient on one side.
+SplitRule = Literal["random", "earliest"]
 
-    Within each class, patients are shuffled with ``seed`` and moved to
-    validation until it holds ``val_fraction`` of that class's images.
+
+def patient_split(
+    items: list[LabelledImage], val_fraction: float, seed: int, rule: SplitRule = "random"
+) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """Stratified train/validation split that keeps each patient on one side.
+
+    Within each class, patients move to validation until it holds
+    ``val_fraction`` of that class's images. ``rule`` orders the patients:
+
+    ``random``
+        Shuffled with ``seed``.
+    ``earliest``
+        Lowest patient number first, separately in each name series (person,
+        IM, NORMAL2-IM), each series giving its own share. Kaggle's test
+        patients are numbered below the train patients (test normals IM-0001..0111,
+        train IM-0115..0766), i.e. the test split is an earlier-in-time hold-out; the
+        lowest-numbered train patients are the closest stand-in for it, so
+        early stopping and the threshold see the same kind of shift.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), found {val_fraction}")
+    if rule not in ("random", "earliest"):
+        raise ValueError(f"unknown split rule {rule!r} (random or earliest)")
     rng = random.Random(seed)
     train: list[LabelledImage] = []
     val: list[LabelledImage] = []
@@ -93,16 +109,34 @@ def patient_split(
         for item in items:
             if item.label == label:
                 by_patient[item.patient].append(item)
-        patients = sorted(by_patient)
-        rng.shuffle(patients)
-        target = val_fraction * sum(len(v) for v in by_patient.values())
-        taken = 0
-        for patient in patients:
-            side = val if taken < target else train
-            side.extend(by_patient[patient])
-            if side is val:
-                taken += len(by_patient[patient])
+        if rule == "random":
+            patients = sorted(by_patient)
+            rng.shuffle(patients)
+            queues = [patients]
+        else:
+            by_series: dict[str, list[str]] = defaultdict(list)
+            for patient in by_patient:
+                by_series[_series(patient)].append(patient)
+            queues = [sorted(ps, key=_patient_number) for _, ps in sorted(by_series.items())]
+        for patients in queues:
+            target = val_fraction * sum(len(by_patient[p]) for p in patients)
+            taken = 0
+            for patient in patients:
+                side = val if taken < target else train
+                side.extend(by_patient[patient])
+                if side is val:
+                    taken += len(by_patient[patient])
     return sorted(train, key=lambda i: i.path), sorted(val, key=lambda i: i.path)
+
+
+def _series(patient: str) -> str:
+    """The name series of a patient key: 'person', 'NORMAL2-IM-', 'IM-' (digits removed)."""
+    return re.sub(r"\d+$", "", patient)
+
+
+def _patient_number(patient: str) -> tuple[int, str]:
+    digits = re.findall(r"\d+", patient)
+    return (int(digits[-1]) if digits else -1, patient)
 
 
 def file_list_sha256(items: list[LabelledImage], root: Path) -> str:

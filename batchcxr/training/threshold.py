@@ -26,7 +26,7 @@ def validation_split(card: dict[str, Any], data_dir: Path):
         items = limit_per_class(items, hyper["limit_per_class"], hyper["seed"])
     if file_list_sha256(items, data_dir) != card["training_data"]["file_list_sha256"]:
         raise ValueError(f"{data_dir}: file list differs from the one {card['name']} was trained on")
-    _, val = patient_split(items, hyper["val_fraction"], hyper["seed"])
+    _, val = patient_split(items, hyper["val_fraction"], hyper["seed"], hyper.get("split", "random"))
     return val
 
 

@@ -30,6 +30,7 @@ from batchcxr.training.architectures import (
 )
 from batchcxr.training.data import (
     CLASSES,
+    SplitRule,
     file_list_sha256,
     limit_per_class,
     list_split,
@@ -72,6 +73,9 @@ class TrainConfig:
     """Use at most this many images per class (quick runs, tests)."""
     equalize: bool = False
     """Histogram-equalize each input (recorded in the card's preprocessing contract)."""
+    split: SplitRule = "random"
+    """How validation patients are chosen (see ``patient_split``)."""
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -114,18 +118,18 @@ def _callbacks(patience: int):
     ]
 
 
-def _compile(model, lr: float) -> None:
+def _compile(model, lr: float, label_smoothing: float = 0.0) -> None:
     import keras
 
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
-        loss="binary_crossentropy",
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.AUC(name="auc"), "accuracy"],
     )
 
 
 def _fit(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va, epochs: int, lr: float) -> int:
-    _compile(model, lr)
+    _compile(model, lr, cfg.label_smoothing)
     history = model.fit(
         _dataset(x_tr, y_tr, cfg.batch_size, cfg.seed, build_augmenter(cfg.augment, cfg.seed)),
         validation_data=_dataset(x_va, y_va, cfg.batch_size, cfg.seed),
@@ -153,7 +157,7 @@ def _train_mobilenetv2_head(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va) -> 
             keras.layers.Dense(1, activation="sigmoid"),
         ]
     )
-    _compile(head, cfg.head_learning_rate)
+    _compile(head, cfg.head_learning_rate, cfg.label_smoothing)
     history = head.fit(
         f_tr,
         y_tr,
@@ -240,7 +244,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     items = list_split(cfg.data_dir)
     if cfg.limit_per_class:
         items = limit_per_class(items, cfg.limit_per_class, cfg.seed)
-    train_items, val_items = patient_split(items, cfg.val_fraction, cfg.seed)
+    train_items, val_items = patient_split(items, cfg.val_fraction, cfg.seed, cfg.split)
     log.info("train %d images, validation %d images (patient-level split)", len(train_items), len(val_items))
     x_tr, y_tr = load_images(train_items)
     x_va, y_va = load_images(val_items)
@@ -277,7 +281,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     }
     hyper["augment"] = asdict(cfg.augment)
     hyper["optimizer"] = "Adam"
-    hyper["loss"] = "binary_crossentropy, class-weighted (n / (2 n_class))"
+    hyper["loss"] = "binary_crossentropy, class-weighted (n / (2 n_class))" + (
+        f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""
+    )
     hyper["epochs_run"] = epochs_run
     card = {
         "name": out.name,
@@ -289,14 +295,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         "threshold": {
             "value": threshold,
             "rule": cfg.threshold_rule,
-            "chosen_on": "the patient-level validation split of train (test never used)",
+            "chosen_on": f"the patient-level validation split of train ({cfg.split}; test never used)",
         },
         "training_data": {
             "source": DATA_SOURCE,
             "root": root.name,
             "train_counts": counts(train_items),
             "val_counts": counts(val_items),
-            "split": f"stratified by class, grouped by patient, val_fraction {cfg.val_fraction}, seed {cfg.seed}",
+            "split": (
+                f"stratified by class, grouped by patient, val_fraction {cfg.val_fraction}, "
+                + (f"seed {cfg.seed}" if cfg.split == "random" else "lowest patient numbers of each name series")
+            ),
             "file_list_sha256": file_list_sha256(items, root),
         },
         "hyperparameters": hyper,
