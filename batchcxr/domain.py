@@ -73,11 +73,14 @@ class PreparedImage:
     source: SourceFile
     study: StudyInfo
     image: ImageInfo
-    display: np.ndarray
-    """uint8 grayscale image for reports, longest side at most the display size."""
+    display: np.ndarray | None
+    """uint8 grayscale image for reports, longest side at most the display size; None once the
+    pipeline has written it to the reports folder (``display_file``)."""
     model_input: np.ndarray
     """uint8 (224, 224, 1): the preprocessing contract's resize (normalize.contract.to_model_input)."""
     qc_notes: list[str] = field(default_factory=list)
+    display_file: str = ""
+    """The display image's path relative to the reports folder, once written."""
 
 
 @dataclass(frozen=True)

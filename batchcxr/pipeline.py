@@ -7,9 +7,11 @@ reason; no exception from one file stops the run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import multiprocessing
+import os
 import time
 import traceback
 from collections import Counter, deque
@@ -21,8 +23,9 @@ from pathlib import Path
 from batchcxr.domain import FailStage, ImageStatus, PreparedImage, Rejection, SourceFile, FileKind
 from batchcxr.infer.runtime import ScoringModel, load_scoring_model
 from batchcxr.ingest.files import read_source, walk
+from batchcxr.normalize.contract import finish_batch
 from batchcxr.normalize.prepare import prepare
-from batchcxr.report.overlay import IMAGE_SUFFIX, blend_heatmap, encode_image
+from batchcxr.report.overlay import IMAGE_SUFFIX, LAYER_SUFFIX, encode_image, encode_layer, heatmap_layer
 from batchcxr.report.render import ReportWriter, atomic_write
 from batchcxr.settings import QualitySettings, Settings
 from batchcxr.store.repo import ScoredImage, Store
@@ -53,7 +56,7 @@ class RunSummary:
     seconds: float = 0.0
     stages: Counter = field(default_factory=Counter)
     """Seconds per stage: prepare (read + decode + normalize, summed over workers), infer,
-    images (overlays and report JPEGs), store, report."""
+    images (display JPEGs and Grad-CAM layers), store, report."""
     index_path: Path | None = None
 
     @property
@@ -85,8 +88,28 @@ class Prepared:
     seconds: float
 
 
-def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size: int) -> Prepared:
-    """Read one file and normalize it (runs in a worker process). Never raises for a bad file."""
+def display_file(sha256: str) -> str:
+    """Where an image's display JPEG goes, relative to the reports folder (named by content)."""
+    return f"images/{sha256[:24]}{IMAGE_SUFFIX}"
+
+
+def write_display(item: PreparedImage, reports_dir: Path) -> PreparedImage:
+    """Write the display JPEG and drop the array (a fifth of the bytes back from a worker)."""
+    rel = display_file(item.source.sha256)
+    atomic_write(reports_dir / rel, encode_image(item.display))
+    return dataclasses.replace(item, display=None, display_file=rel)
+
+
+def _init_decode_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would only contend
+
+
+def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size: int,
+                 reports_dir: Path) -> Prepared:
+    """Read one file, normalize it and write its display JPEG into ``reports_dir`` (runs in a
+    worker process). Never raises for a bad file; a failing report write (disk full) raises."""
     start = time.perf_counter()
     try:
         source, data = read_source(path)
@@ -101,7 +124,17 @@ def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size:
         log.exception("%s: unexpected error while preparing", path)
         result = Rejection(source, ImageStatus.FAILED, FailStage.DECODE,
                            f"unexpected {type(exc).__name__}: {exc}", detail=_digest(exc))
+    if isinstance(result, PreparedImage):
+        result = write_display(result, reports_dir)  # not the file's fault if this fails: the run stops
     return Prepared(source, result, time.perf_counter() - start)
+
+
+def model_threads(settings: Settings, n_models: int) -> int:
+    """ONNX Runtime threads per model: the setting, or (0) the cores left by the decode workers
+    shared among the models, which run side by side; at least one."""
+    if settings.model_threads > 0:
+        return settings.model_threads
+    return max(1, ((os.cpu_count() or 1) - settings.decode_workers) // max(1, n_models))
 
 
 class Scorer:
@@ -117,10 +150,13 @@ class Scorer:
         self._writer: ThreadPoolExecutor | None = None
         """Per run: the thread that writes a batch's images and rows while the next batch is scored."""
         self._writing = None
+        self._infer: ThreadPoolExecutor | None = None
+        """Per run: one thread per model, so the models run side by side (ONNX Runtime frees the GIL)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> Scorer:
-        return cls(settings, store, [load_scoring_model(p, settings.model_threads) for p in settings.models])
+        threads = model_threads(settings, len(settings.models))
+        return cls(settings, store, [load_scoring_model(p, threads) for p in settings.models])
 
     @property
     def versions(self) -> list[str]:
@@ -129,49 +165,52 @@ class Scorer:
     # stage helpers ---------------------------------------------------------
     def _prepared_stream(self, root: Path, paths: list[Path]) -> Iterator[Prepared]:
         """prepare_file over paths, in order; in worker processes when configured and worth it."""
-        q, size = self.settings.quality, self.settings.display_size
+        args = (root, self.settings.quality, self.settings.display_size, self.settings.reports_dir)
         workers = self.settings.decode_workers
         if workers < 1 or len(paths) < 2 * self.settings.batch_size:
             for path in paths:
-                yield prepare_file(path, root, q, size)
+                yield prepare_file(path, *args)
             return
         window = 4 * self.settings.batch_size  # bounded look-ahead: memory stays flat
+        head = self.settings.batch_size  # prepared here while the worker processes start (~0.7 s)
         ctx = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_decode_worker) as pool:
             pending: deque = deque()
-            it = iter(paths)
+            it = iter(paths[head:])
             for path in it:
-                pending.append(pool.submit(prepare_file, path, root, q, size))
+                pending.append(pool.submit(prepare_file, path, *args))
                 if len(pending) >= window:
                     break
+            for path in paths[:head]:
+                yield prepare_file(path, *args)
             while pending:
                 yield pending.popleft().result()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append(pool.submit(prepare_file, nxt, root, q, size))
+                    pending.append(pool.submit(prepare_file, nxt, *args))
 
     def _write_images(self, item: PreparedImage, outputs) -> tuple[str, dict[str, str]]:
+        """One Grad-CAM layer per model (prepare_file wrote the display JPEG)."""
         out = self.settings.reports_dir
-        stem = item.source.sha256[:24]
-        shown = item.display
-        display_rel = f"images/{stem}{IMAGE_SUFFIX}"
-        atomic_write(out / display_rel, encode_image(shown))
+        shape = (item.image.rows, item.image.columns) if item.image.rows and item.image.columns else (1, 1)
         overlays = {}
         for o in outputs:
-            rel = f"images/{stem}-{o.model_name}{IMAGE_SUFFIX}"
-            atomic_write(out / rel, encode_image(blend_heatmap(shown, o.heatmap, self.settings.overlay_alpha)))
+            rel = f"images/{item.source.sha256[:24]}-{o.model_name}{LAYER_SUFFIX}"
+            atomic_write(out / rel, encode_layer(heatmap_layer(o.heatmap, shape, self.settings.overlay_alpha)))
             overlays[o.model_name] = rel
-        return display_rel, overlays
+        return item.display_file, overlays
 
     def _score_batch(self, run_id: int, batch: list[PreparedImage], summary: RunSummary, changed: set[str]) -> None:
         """Run the models on one batch, then hand its images and rows to the writer thread, so
-        the next batch's inference overlaps this batch's overlays, JPEGs and database rows."""
+        the next batch's inference overlaps this batch's images and database rows."""
         import numpy as np
 
         try:
             t0 = time.perf_counter()
             x = np.stack([p.model_input for p in batch])
-            per_image = list(zip(*[m.run(x) for m in self.models]))
+            finished = {eq: finish_batch(x, eq) for eq in {m.equalize for m in self.models}}
+            outs = self._infer.map(lambda m: m.run_finished(finished[m.equalize]), self.models)
+            per_image = list(zip(*outs))
             summary.stages["infer"] += time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001
             log.exception("inference failed for a batch of %d", len(batch))
@@ -246,6 +285,7 @@ class Scorer:
             chunk.clear()
 
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchcxr-writer")
+        self._infer = ThreadPoolExecutor(max_workers=len(self.models), thread_name_prefix="batchcxr-infer")
         self._writing = None
         try:
             for prepared in self._prepared_stream(root, paths):
@@ -268,6 +308,7 @@ class Scorer:
             raise
         finally:
             self._writer.shutdown(wait=True)
+            self._infer.shutdown(wait=True)
             summary.seconds = time.monotonic() - start
             self.store.finish_run(run_id, scored=summary.scored, skipped=sum(summary.skipped.values()),
                                   failed=sum(summary.failed.values()), unchanged=summary.unchanged,

@@ -101,7 +101,8 @@ class Settings:
     decode_workers: int = 1
     """Processes that read and decode files while the main process runs the models (0: none)."""
     model_threads: int = 0
-    """ONNX Runtime threads per model (0: one per core)."""
+    """ONNX Runtime threads per model; the models run side by side (0: the cores the decode
+    workers leave, shared among the models, at least one)."""
     lock_file: Path = Path("batchcxr-score.lock")
     """`batchcxr score --since` (the nightly job) holds this lock so two runs never overlap."""
 

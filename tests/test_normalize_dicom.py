@@ -170,3 +170,54 @@ def test_large_jpeg_file_is_decoded_reduced(tmp_path):
     assert (result.image.rows, result.image.columns) == (1800, 1000)
     reference = to_model_input(decode_image_bytes(path.read_bytes())).astype(np.float32)
     assert np.abs(result.model_input.astype(np.float32) - reference).mean() < 2.0
+
+
+@pytest.mark.parametrize("syntax", ["explicit", "implicit"])
+def test_native_frame_reads_the_file_bytes_in_place(tmp_path, syntax):
+    from batchcxr.normalize.dicom import native_frame
+    from batchcxr.normalize.prepare import parse_dicom
+
+    pixels = chest_like().astype(np.uint16) * 16
+    data = dicom_file(tmp_path / "a.dcm", pixels, syntax, bits_stored=12).read_bytes()
+    frame = native_frame(parse_dicom(data, force=False), data)
+    assert frame is not None and not frame.flags.owndata  # a view of the bytes, no copy
+    assert np.array_equal(frame, pydicom.dcmread(tmp_path / "a.dcm").pixel_array)
+    truncated = data[: len(data) - 10]
+    assert native_frame(parse_dicom(truncated, force=False), truncated) is None
+
+
+def test_bits_above_bits_stored_are_masked_as_pydicom_does(tmp_path):
+    """Old modalities keep overlay planes in the unused high bits: those files take pydicom's
+    masking path and show the same picture as a clean file."""
+    from batchcxr.normalize.dicom import native_frame
+    from batchcxr.normalize.prepare import parse_dicom
+
+    pixels = chest_like().astype(np.uint16) * 16
+    clean = _prepare(dicom_file(tmp_path / "clean.dcm", pixels, bits_stored=12))
+    dirty_path = dicom_file(tmp_path / "dirty.dcm", pixels | 0x8000, bits_stored=12)
+    data = dirty_path.read_bytes()
+    assert native_frame(parse_dicom(data, force=False), data) is None
+    dirty = _prepare(dirty_path)
+    assert np.array_equal(dirty.display, clean.display)
+    assert np.array_equal(dirty.model_input, clean.model_input)
+
+
+def test_large_frames_shrunk_before_windowing_match_full_size_processing(tmp_path):
+    """A 1600 x 1400 16-bit frame is area-shrunk as stored integers before the value transforms.
+    That equals shrinking exact float averages (within 1 level), and transforming the full frame
+    first except at a few pixels where the window clips (within 3 levels there)."""
+    import cv2
+
+    from batchcxr.normalize.contract import to_model_input
+    from batchcxr.normalize.dicom import dataset_to_gray
+
+    pixels = cv2.resize(chest_like(), (1400, 1600), interpolation=cv2.INTER_CUBIC).astype(np.uint16) * 16 + 7
+    path = dicom_file(tmp_path / "big.dcm", pixels, bits_stored=12, WindowCenter=2000, WindowWidth=3000)
+    result = _prepare(path)
+    ds = pydicom.dcmread(path)
+    exact = cv2.resize(ds.pixel_array.astype(np.float32), (700, 800), interpolation=cv2.INTER_AREA)
+    shrunk_exact = to_model_input(dataset_to_gray(ds, exact)[0]).astype(int)
+    assert np.abs(result.model_input.astype(int) - shrunk_exact).max() <= 1
+    full = to_model_input(dataset_to_gray(ds, ds.pixel_array)[0]).astype(int)
+    diff = np.abs(result.model_input.astype(int) - full)
+    assert diff.max() <= 3 and (diff > 1).mean() < 0.005

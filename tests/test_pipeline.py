@@ -77,6 +77,47 @@ def test_demo_scored_reports_link_to_existing_files(tmp_path, make_scorer):
     assert "lateral view (ViewPosition LL)" in text
 
 
+def test_gradcam_layer_blends_like_a_full_size_overlay():
+    """The PNG layer, stretched and alpha-blended as a browser does, equals blending the
+    map over the image at full size: (1 - w) * image + w * JET(heat), w = heat * alpha."""
+    import cv2
+
+    from batchcxr.report.overlay import encode_layer, heatmap_layer
+
+    rng = np.random.default_rng(0)
+    heat = rng.random((7, 7)).astype(np.float32)
+    heat[0, 0] = 0.0
+    gray = cv2.GaussianBlur(rng.integers(0, 256, (415, 512), dtype=np.uint8), (0, 0), 5)
+    layer = cv2.imdecode(np.frombuffer(encode_layer(heatmap_layer(heat, gray.shape, 0.45)), np.uint8),
+                         cv2.IMREAD_UNCHANGED)
+    assert layer.shape == (52, 64, 4)  # the image's aspect, 64 px on the long side
+    assert layer[0, 0, 3] == 0  # a zero map cell leaves the image untouched
+    h, w = gray.shape
+    up = cv2.resize(layer, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    weight = up[..., 3:] / 255
+    shown = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR) * (1 - weight) + up[..., :3] * weight
+    full = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap(np.rint(full * 255).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
+    expected = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR) * (1 - full[..., None] * 0.45) + colour * full[..., None] * 0.45
+    diff = np.abs(shown - expected)
+    assert np.median(diff) < 3 and np.percentile(diff, 99) < 25  # JET's steep ramps, interpolated twice
+
+
+def test_report_stacks_each_models_layer_over_the_image(tmp_path, make_scorer):
+    import cv2
+
+    summary = make_scorer().score_tree(DEMO_DIR / "jpeg")
+    page = next((summary.index_path.parent / "studies").glob("*.html"))
+    refs = _links(page).refs
+    layers = [r for r in refs if r.endswith(".png")]
+    assert len(layers) == 2 and all(re.search(r"-(cnn|mobilenetv2)\.png$", r) for r in layers)
+    image = next(r for r in refs if r.endswith(".jpg"))
+    assert refs.count(image) == 3  # shown alone, then under each model's layer
+    for ref in layers:
+        layer = cv2.imread(str(page.parent / ref), cv2.IMREAD_UNCHANGED)
+        assert layer.ndim == 3 and layer.shape[2] == 4 and layer[..., 3].max() > 0
+
+
 def test_second_run_scores_nothing_and_rescore_forces(tmp_path, make_scorer):
     folder = tmp_path / "in"
     dicom_file(folder / "a.dcm")
@@ -178,7 +219,7 @@ def test_markup_in_dicom_fields_is_inert_and_chooses_no_path(tmp_path, make_scor
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
         assert _links(page).scripts == 0
     written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert all(re.fullmatch(r"(index\.html|style\.css|runs/run-\d+\.html|studies/[0-9a-f]{16}\.html|images/[0-9a-f]{24}(-\w+)?\.jpg)", w)
+    assert all(re.fullmatch(r"(index\.html|style\.css|runs/run-\d+\.html|studies/[0-9a-f]{16}\.html|images/[0-9a-f]{24}(\.jpg|-\w+\.png))", w)
                for w in written), written
     assert not Path("/tmp/owned").exists()
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
-from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 
 from batchcxr.normalize.contract import REDUCED_FLAGS, decode_image_bytes, reduction_factor
 from batchcxr.normalize.window import apply_window, rescale_to_unit, rgb_to_gray, to_uint8
@@ -68,6 +69,36 @@ def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
     return ds.pixel_array
 
 
+def native_frame(ds: Dataset, data: bytes) -> np.ndarray | None:
+    """A zero-copy view of an uncompressed grayscale frame's stored values inside ``data``.
+
+    The common archive case - native little-endian transfer syntax, one frame, one sample,
+    unsigned 8 or 16 bits whose values fit in BitsStored - is read straight out of the file's
+    bytes: no copy of the pixel data and no pixel handler. ``ds`` must have been parsed from
+    ``data`` with Pixel Data deferred (``dcmread(..., defer_size=...)``). Anything else,
+    including a frame that does not fit in ``data``, returns None: use ``decode_pixels``.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        return None
+    if (int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1
+            or int(ds.get("PixelRepresentation", 0) or 0) != 0):
+        return None
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    raw = ds.get_item("PixelData", keep_deferred=True)
+    if bits not in (8, 16) or not isinstance(raw, RawDataElement) or raw.value is not None:
+        return None
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    nbytes = rows * columns * bits // 8
+    if not nbytes or raw.length == 0xFFFFFFFF or raw.length < nbytes or raw.value_tell + nbytes > len(data):
+        return None
+    view = np.frombuffer(data, "<u2" if bits == 16 else "u1", rows * columns, raw.value_tell)
+    stored = int(ds.get("BitsStored", bits) or bits)
+    if stored < bits and int(view.max()) >> stored:
+        return None  # bits above BitsStored are set (e.g. overlay planes): pydicom masks them
+    return view.reshape(rows, columns)
+
+
 def shrink_stored(ds: Dataset, pixels: np.ndarray, keep_short: int, keep_long: int) -> np.ndarray:
     """Downscale a large grayscale frame (INTER_AREA, float32) before the value transforms.
 
@@ -83,6 +114,9 @@ def shrink_stored(ds: Dataset, pixels: np.ndarray, keep_short: int, keep_long: i
     if factor == 1:
         return pixels
     size = (pixels.shape[1] // factor, pixels.shape[0] // factor)
+    if pixels.dtype in (np.uint16, np.int16):
+        # 16-bit averages rounded to whole stored values: at most 1/2 of one of 4096+ levels
+        return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
     return cv2.resize(pixels.astype(np.float32), size, interpolation=cv2.INTER_AREA)
 
 

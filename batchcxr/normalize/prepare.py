@@ -31,7 +31,7 @@ from batchcxr.normalize.contract import (
     reduction_factor,
     to_model_input,
 )
-from batchcxr.normalize.dicom import dataset_to_gray, decode_pixels, shrink_stored
+from batchcxr.normalize.dicom import dataset_to_gray, decode_pixels, native_frame, shrink_stored
 from batchcxr.settings import SECONDARY_CAPTURE_SOP_CLASSES, QualitySettings
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ def _pixel_count(ds: Dataset) -> int:
 
 
 def parse_dicom(data: bytes, force: bool) -> Dataset:
-    """Parse DICOM bytes without reading pixel data into arrays."""
-    return pydicom.dcmread(BytesIO(data), force=force)
+    """Parse DICOM bytes; values over 64 KiB (Pixel Data) are read only when used."""
+    return pydicom.dcmread(BytesIO(data), force=force, defer_size=65536)
 
 
 def _looks_like_dicom(ds: Dataset) -> bool:
@@ -154,7 +154,10 @@ def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_ke
             study, image,
         )
     try:
-        arr = shrink_stored(ds, decode_pixels(ds, KEEP_SHORT, display_size), KEEP_SHORT, display_size)
+        frame = native_frame(ds, data)
+        if frame is None:
+            frame = decode_pixels(ds, KEEP_SHORT, display_size)
+        arr = shrink_stored(ds, frame, KEEP_SHORT, display_size)
         gray, presentation = dataset_to_gray(ds, arr)
     except NotImplementedError as exc:
         return _reject(source, ImageStatus.FAILED, FailStage.DECODE,

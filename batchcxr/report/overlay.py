@@ -1,42 +1,66 @@
-"""Display images and Grad-CAM overlays, pure numpy/OpenCV (no file I/O)."""
+"""Report images: the display JPEG and the Grad-CAM layers, pure numpy/OpenCV (no file I/O).
+
+A Grad-CAM overlay is not baked into a copy of the image. Each model's map becomes a small
+colour layer whose alpha is the map itself (times the configured opacity); the report stacks
+it over the display image and the browser blends the two. That is the same per-pixel blend
+as ``(1 - w) * image + w * colour`` with ``w = heat * alpha``, the reviewer can change the
+opacity, and it costs a fraction of blending and encoding a full-size copy per model.
+"""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
+IMAGE_SUFFIX = ".jpg"
+"""Display images are JPEG (quality 90): 20x faster to encode than PNG, for display only."""
+LAYER_SUFFIX = ".png"
+"""Grad-CAM layers are PNG: they need an alpha channel."""
+LAYER_SIDE = 64
+"""Longest side of a Grad-CAM layer. The maps are 7 x 7 (MobileNetV2) or 28 x 28 (CNN) cells,
+so 64 px keeps the colour ramp smooth when the browser stretches it over the image."""
 
-def blend_heatmap(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend a [0, 1] heatmap, colour-mapped (JET), over a grayscale image.
 
-    The heatmap covers the whole (squashed) model input, so stretching it to
-    the display image's shape puts each cell back over the anatomy it saw.
-    Where the map is zero the image shows through unchanged.
+def heatmap_layer(heatmap: np.ndarray, shape: tuple[int, int], alpha: float = 0.45,
+                  max_side: int = LAYER_SIDE) -> np.ndarray:
+    """Colour-map (JET) a [0, 1] Grad-CAM map into a BGRA layer for an image of ``shape``
+    (rows, columns) at any scale: only its aspect ratio is used.
+
+    The map covers the whole (squashed) model input, so stretching it to the image's
+    aspect puts each cell back over the anatomy it saw. The layer is at most ``max_side``
+    pixels on its longest side; alpha is ``heat * alpha``, so where the map is zero the
+    image shows through unchanged.
 
     Returns
     -------
     numpy.ndarray
-        uint8 (rows, columns, 3) image in BGR order (OpenCV's, for cv2.imencode).
+        uint8 (rows, columns, 4) in BGRA order (OpenCV's, for cv2.imencode).
     """
-    if gray.ndim != 2 or heatmap.ndim != 2:
-        raise ValueError(f"gray and heatmap must be 2-D, found {gray.shape} and {heatmap.shape}")
+    if heatmap.ndim != 2 or len(shape) != 2:
+        raise ValueError(f"heatmap must be 2-D and shape (rows, columns), found {heatmap.shape} and {shape}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], found {alpha}")
-    h, w = gray.shape
-    heat = cv2.resize(np.clip(heatmap, 0, 1).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    colour = cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
-    weight = heat * np.float32(alpha)
-    return cv2.blendLinear(base, colour, 1.0 - weight, weight)  # per-pixel weights, in C++
-
-
-IMAGE_SUFFIX = ".jpg"
-"""Report images are JPEG (quality 90): 20x faster to encode than PNG, for display only."""
+    scale = min(1.0, max_side / max(shape))
+    h, w = max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+    heat = cv2.resize(np.clip(heatmap, 0, 1, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap(cv2.convertScaleAbs(heat, alpha=255.0), cv2.COLORMAP_JET)
+    layer = np.empty((h, w, 4), dtype=np.uint8)
+    layer[..., :3] = colour
+    layer[..., 3] = cv2.convertScaleAbs(heat, alpha=alpha * 255.0)  # rounds and saturates to uint8
+    return layer
 
 
 def encode_image(image: np.ndarray, quality: int = 90) -> bytes:
-    """Encode a grayscale or BGR uint8 image for the reports (JPEG)."""
+    """Encode a grayscale or BGR uint8 display image (JPEG)."""
     ok, buf = cv2.imencode(IMAGE_SUFFIX, image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError("image encoding failed")
+    return buf.tobytes()
+
+
+def encode_layer(layer: np.ndarray) -> bytes:
+    """Encode a BGRA Grad-CAM layer (PNG, fast compression: the layers are small)."""
+    ok, buf = cv2.imencode(LAYER_SUFFIX, layer, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError("layer encoding failed")
     return buf.tobytes()

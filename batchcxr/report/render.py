@@ -32,9 +32,13 @@ def study_slug(study_key: str) -> str:
 
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write via a temp file and rename, so no reader sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        tmp.write_bytes(raw)
+    except FileNotFoundError:  # first file in a new folder (one syscall less for all the others)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(raw)
     tmp.replace(path)
 
 

@@ -84,7 +84,7 @@ class Prediction(Base):
     label: Mapped[str] = mapped_column(String(16))
     threshold: Mapped[float] = mapped_column(Float)
     heatmap_path: Mapped[str] = mapped_column(Text, default="")
-    """Grad-CAM overlay image (JPEG), relative to the reports folder."""
+    """Grad-CAM layer (PNG with alpha, stacked over the image by the reports), relative to the reports folder."""
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     image: Mapped[Image] = relationship(back_populates="predictions")
 
