@@ -100,6 +100,21 @@ def write_display(item: PreparedImage, reports_dir: Path) -> PreparedImage:
     return dataclasses.replace(item, display=None, display_file=rel)
 
 
+def _read_ahead(path: Path) -> None:
+    """Ask the kernel to start reading a file the workers will soon need (Linux; no-op elsewhere),
+    so a cold disk read overlaps the decoding of the files before it."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # the worker will record why
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 def _init_decode_worker() -> None:
     import cv2
 
@@ -178,6 +193,7 @@ class Scorer:
             pending: deque = deque()
             it = iter(paths[head:])
             for path in it:
+                _read_ahead(path)
                 pending.append(pool.submit(prepare_file, path, *args))
                 if len(pending) >= window:
                     break
@@ -187,6 +203,7 @@ class Scorer:
                 yield pending.popleft().result()
                 nxt = next(it, None)
                 if nxt is not None:
+                    _read_ahead(nxt)
                     pending.append(pool.submit(prepare_file, nxt, *args))
 
     def _write_images(self, item: PreparedImage, outputs) -> tuple[str, dict[str, str]]:

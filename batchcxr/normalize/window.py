@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 
@@ -35,20 +36,23 @@ def apply_window(
 
 
 def rescale_to_unit(arr: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
-    """Map [low, high] (default: the array's own min and max) linearly onto [0, 1]."""
-    x = arr.astype(np.float32, copy=False)
+    """Map [low, high] (default: the array's own min and max) linearly onto [0, 1] (float32)."""
+    x = arr.astype(np.float32)  # a new array: the steps below work in place
     low = float(x.min()) if low is None else low
     high = float(x.max()) if high is None else high
     if high <= low:
         return np.zeros_like(x)
-    return np.clip((x - low) / (high - low), 0.0, 1.0)
+    x -= np.float32(low)
+    x *= np.float32(1.0 / (high - low))
+    return np.clip(x, 0.0, 1.0, out=x)
 
 
 def to_uint8(unit: np.ndarray, invert: bool = False) -> np.ndarray:
     """Round values in [0, 1] to uint8 0..255; ``invert`` for MONOCHROME1 (white = low values)."""
+    x = np.clip(unit, 0.0, 1.0).astype(np.float32, copy=False)
     if invert:
-        unit = 1.0 - unit
-    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+        np.subtract(np.float32(1.0), x, out=x)
+    return cv2.convertScaleAbs(x, alpha=255.0)  # x * 255, rounded half to even like np.rint
 
 
 def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
