@@ -55,3 +55,13 @@ def test_every_setting_is_documented_in_readme():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for f in [*fields(Settings), *fields(QualitySettings), *fields(WatchSettings), *fields(WebSettings)]:
         assert f"`{f.name}`" in readme, f"setting {f.name} is not documented in README.md"
+
+
+def test_model_threads_share_the_cores_the_decode_workers_leave(monkeypatch):
+    from batchcxr.pipeline import model_threads
+
+    assert model_threads(Settings(model_threads=3), 2) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert model_threads(Settings(), 2) == 1  # never zero (ONNX Runtime would take every core)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert model_threads(Settings(decode_workers=2), 2) == 7
