@@ -18,10 +18,23 @@ def need(path: Path, why: str) -> Path:
     """Return path if it exists; else fail in CI and skip elsewhere, naming the reason."""
     if path.exists():
         return path
-    message = f"{path} is missing: {why}"
+    _missing(f"{path} is missing: {why}")
+    return path
+
+
+def _missing(message: str) -> None:
     if IN_CI:
         pytest.fail(message + " (BATCHCXR_CI=1: this test must run in CI)")
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def openjpeg() -> None:
+    """The system's libopenjp2 under glymur, for reduced-resolution JPEG 2000 decoding."""
+    from batchcxr.normalize import j2k
+
+    if not j2k.available():
+        _missing("libopenjp2 >= 2.3 is missing (apt-get install libopenjp2-7)")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Same pixels, different files: the scores must agree (issue: normalization fidelity).
 
 A full-resolution image from ../shared, the same pixels as a 16-bit DICOM, as MONOCHROME1
-(inverted) and with a VOI window all score within 0.02 of each other, and within 0.05 of
-the 224 px twin the models were trained on.
+(inverted), with a VOI window and as JPEG 2000 lossless (decoded at a lower resolution level)
+all score within 0.02 of each other, and within 0.05 of the 224 px twin the models were
+trained on.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ def _scores(models, path) -> dict[str, float]:
     return {m.name: m.run(x)[0].probability for m in models}
 
 
+def _notes(path) -> str:
+    source, data = read_source(path)
+    return "; ".join(prepare(source, data, QualitySettings(), "folder:t").qc_notes)
+
+
 @pytest.mark.parametrize("sample", SAMPLES)
-def test_same_pixels_same_scores(tmp_path, shared_data, models, sample):
+def test_same_pixels_same_scores(tmp_path, shared_data, openjpeg, models, sample):
     fullres = shared_data / "chest_xray_train_fullres_sample" / sample
     twin = shared_data / "chest_xray_224" / "train" / fullres.parent.name / fullres.name
     assert twin.exists(), twin
@@ -51,8 +57,12 @@ def test_same_pixels_same_scores(tmp_path, shared_data, models, sample):
         "window": write_dicom(tmp_path / "c.dcm", base_dataset(
             gray.astype(np.uint16) * 16 + 1000, WindowCenter=1000 + 8 * (lo + hi) + 0.5,
             WindowWidth=16 * (hi - lo) + 1)),
+        "j2k": write_dicom(tmp_path / "d.dcm", base_dataset(gray.astype(np.uint16) * 16, bits_stored=12),
+                           "j2k-lossless"),
     }
     scores = {k: _scores(models, p) for k, p in files.items()}
+    if min(gray.shape) >= 4 * 224:  # large enough to drop a wavelet level (the NORMAL sample is)
+        assert "decoded at 1/" in _notes(files["j2k"])
     twin_scores = _scores(models, twin)
     for model in ("cnn", "mobilenetv2"):
         values = [s[model] for s in scores.values()]

@@ -221,3 +221,24 @@ def test_large_frames_shrunk_before_windowing_match_full_size_processing(tmp_pat
     full = to_model_input(dataset_to_gray(ds, ds.pixel_array)[0]).astype(int)
     diff = np.abs(result.model_input.astype(int) - full)
     assert diff.max() <= 3 and (diff > 1).mean() < 0.005
+
+
+@pytest.mark.parametrize("syntax", ["j2k-lossless", "j2k"])
+def test_large_jpeg2000_frames_decode_at_a_lower_resolution_level(tmp_path, syntax, monkeypatch, openjpeg):
+    """OpenJPEG (glymur) stops one wavelet level early for a frame twice the needed size. The
+    wavelet's low-pass is not a box average, so the model input differs from decoding in full
+    and area-shrinking by about a grey level on average (scores: tests/test_fidelity.py)."""
+    import cv2
+
+    from batchcxr.normalize import j2k
+
+    pixels = cv2.resize(chest_like(), (1100, 1300), interpolation=cv2.INTER_CUBIC).astype(np.uint16) * 16
+    path = dicom_file(tmp_path / "big.dcm", pixels, syntax, bits_stored=12)
+    reduced = _prepare(path)
+    assert any("decoded at 1/2 size" in n for n in reduced.qc_notes), reduced.qc_notes
+    monkeypatch.setattr(j2k, "available", lambda: False)
+    full = _prepare(path)
+    assert not any("decoded at" in n for n in full.qc_notes)
+    diff = np.abs(reduced.model_input.astype(int) - full.model_input.astype(int))
+    assert diff.mean() < 2.5 and np.percentile(diff, 95) <= 6
+    assert np.corrcoef(reduced.model_input.ravel(), full.model_input.ravel())[0, 1] > 0.995

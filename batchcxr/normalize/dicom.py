@@ -16,9 +16,17 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+)
 
 from batchcxr.normalize.contract import REDUCED_FLAGS, decode_image_bytes, reduction_factor
+from batchcxr.normalize.j2k import decode_reduced, resolution_levels
 from batchcxr.normalize.window import apply_window, rescale_to_unit, rgb_to_gray, to_uint8
 
 
@@ -53,20 +61,30 @@ def voi_to_unit(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
 def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
     """The first frame's stored values.
 
-    An 8-bit grayscale JPEG Baseline/Extended frame far larger than needed is decoded by
-    OpenCV with DCT scaling (a fraction of the work); everything else by pydicom and its
+    A grayscale frame far larger than needed is decoded at a fraction of its size where the
+    codec allows it: 8-bit JPEG Baseline/Extended by OpenCV with DCT scaling, JPEG 2000 by
+    OpenJPEG resolution levels (normalize/j2k.py). Everything else by pydicom and its
     plugins, at full size.
     """
     tsuid = ds.file_meta.TransferSyntaxUID
-    if (tsuid in (JPEGBaseline8Bit, JPEGExtended12Bit) and int(ds.get("BitsAllocated", 0)) == 8
-            and int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1):
+    single_gray = int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1
+    if tsuid in (JPEGBaseline8Bit, JPEGExtended12Bit) and int(ds.get("BitsAllocated", 0)) == 8 and single_gray:
         factor = reduction_factor(int(ds.Rows), int(ds.Columns), keep_short, keep_long)
         if factor in REDUCED_FLAGS:
-            from pydicom.encaps import generate_frames
-
-            frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-            return decode_image_bytes(frame, reduce=factor)
+            return decode_image_bytes(_first_frame(ds), reduce=factor)
+    if (tsuid in (JPEG2000Lossless, JPEG2000) and single_gray and int(ds.get("PixelRepresentation", 0) or 0) == 0
+            and str(ds.get("PhotometricInterpretation", "")).upper() in ("MONOCHROME1", "MONOCHROME2")):
+        levels = resolution_levels(int(ds.Rows), int(ds.Columns), keep_short, keep_long)
+        reduced = decode_reduced(_first_frame(ds), levels) if levels else None
+        if reduced is not None and reduced.ndim == 2:
+            return reduced
     return ds.pixel_array
+
+
+def _first_frame(ds: Dataset) -> bytes:
+    from pydicom.encaps import generate_frames
+
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
 
 
 def native_frame(ds: Dataset, data: bytes) -> np.ndarray | None:

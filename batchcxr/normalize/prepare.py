@@ -168,6 +168,8 @@ def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_ke
     notes = [f"{presentation.photometric}; {presentation.window}"]
     if image.transfer_syntax:
         notes.append(f"transfer syntax {image.transfer_syntax}")
+    if frame.ndim == 2 and image.rows and frame.shape[0] < image.rows:
+        notes.append(f"decoded at 1/{round(image.rows / frame.shape[0])} size")
     return _prepared(source, study, image, gray, notes, display_size)
 
 
