@@ -59,6 +59,8 @@ def main(verbose: bool) -> None:
 @click.option("--translation", type=float, default=0.0, show_default=True)
 @click.option("--contrast", type=float, default=0.0, show_default=True, help="RandomContrast factor.")
 @click.option("--brightness", type=float, default=0.0, show_default=True, help="RandomBrightness factor.")
+@click.option("--aspect", type=float, default=0.0, show_default=True,
+              help="Random horizontal-only zoom: aspect-ratio jitter against the squash shortcut.")
 @click.option("--equalize/--no-equalize", default=False, show_default=True,
               help="Histogram-equalize inputs (part of the model's preprocessing contract).")
 @click.option("--fine-tune-from", default="block_13_expand", show_default=True,
@@ -74,7 +76,8 @@ def main(verbose: bool) -> None:
               show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
-          flip: bool, rotation: float, translation: float, contrast: float, brightness: float, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
+          flip: bool, rotation: float, translation: float, contrast: float, brightness: float, aspect: float,
+          equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, split_rule: str, label_smoothing: float, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
     from batchcxr.training.architectures import AugmentConfig
@@ -94,7 +97,8 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         learning_rate=default_lr if learning_rate is None else learning_rate,
         patience=patience,
         augment=AugmentConfig(zoom=zoom, shear=shear, horizontal_flip=flip, rotation=rotation,
-                              translation=translation, contrast=contrast, brightness=brightness),
+                              translation=translation, contrast=contrast, brightness=brightness,
+                              aspect=aspect),
         head_epochs=head_epochs,
         fine_tune_from=fine_tune_from,
         tflite_path=tflite_path if model_name == "mobilenetv2" else None,

@@ -70,3 +70,16 @@ def test_card_matches_weights(name):
     for key in ("architecture", "preprocessing", "threshold", "training_data", "hyperparameters",
                 "validation_metrics", "library_versions", "created"):
         assert card[key], key
+
+
+def test_aspect_jitter_stretches_width_only():
+    from batchcxr.training.architectures import AugmentConfig, build_augmenter
+
+    augment = build_augmenter(AugmentConfig(zoom=0, shear=0, horizontal_flip=False, aspect=0.3), seed=3)
+    x = np.zeros((16, 224, 224, 1), np.float32)
+    x[:, :, 100:124] = 255  # a vertical bar 24 px wide, full height
+    y = augment(x, training=True).numpy()[..., 0] > 127
+    widths = y[:, 112].sum(axis=1)
+    heights = y[:, :, 112].sum(axis=1)
+    assert len(set(widths.tolist())) > 3  # the width changes from image to image
+    assert (heights == 224).all()  # the height never does
