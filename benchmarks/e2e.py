@@ -15,6 +15,17 @@ from batchcxr.settings import load_settings
 from batchcxr.store.repo import Store
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: that keeps the peak of the process
+    this one was forked from (the harness, with TensorFlow loaded) across exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(folder: str, decode_workers: str = "1", model_threads: str = "0") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(None, {"db_url": f"{tmp}/r.sqlite", "reports_dir": Path(tmp) / "reports",
@@ -27,7 +38,7 @@ def main(folder: str, decode_workers: str = "1", model_threads: str = "0") -> No
         paths = list(walk(Path(folder)))
         summary = scorer.score_paths(Path(folder), paths)
         store.close()
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = _peak_rss_mb()
     print(json.dumps({
         "files": len(paths), "scored": summary.scored, "failed": sum(summary.failed.values()),
         "seconds": summary.seconds, "images_per_s": summary.scored / summary.seconds,
