@@ -118,7 +118,8 @@ def native_frame(ds: Dataset, data: bytes) -> np.ndarray | None:
 
 
 def shrink_stored(ds: Dataset, pixels: np.ndarray, keep_short: int, keep_long: int) -> np.ndarray:
-    """Downscale a large grayscale frame (INTER_AREA, float32) before the value transforms.
+    """Downscale a large grayscale frame (INTER_AREA; 16-bit frames as integers, others as
+    float32) before the value transforms.
 
     Rescale and windowing are per pixel, so doing them after an area resize costs a fraction of
     the work and changes the result only where the window clips. Frames that go through lookup

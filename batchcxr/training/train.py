@@ -76,6 +76,7 @@ class TrainConfig:
     split: SplitRule = "random"
     """How validation patients are chosen (see ``patient_split``)."""
     label_smoothing: float = 0.0
+    """Binary cross-entropy label smoothing (0: none)."""
 
 
 @dataclass
