@@ -41,3 +41,24 @@ def test_rescale_flat_image_is_zero():
 def test_rgb_to_gray_on_grey_pixels():
     rgb = np.dstack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3)
     assert np.array_equal(rgb_to_gray(rgb), rgb[..., 0])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+@pytest.mark.parametrize("window", [None, (1000.0, 600.0, "LINEAR"), (90.0, 40.0, "LINEAR_EXACT")])
+@pytest.mark.parametrize("invert", [False, True])
+def test_one_pass_range_mapping_equals_the_float_path(dtype, window, invert):
+    from batchcxr.normalize.window import linear_range, range_to_uint8
+
+    rng = np.random.default_rng(1)
+    top = 255 if dtype == np.uint8 else 2000
+    arr = rng.integers(0, top, (64, 80)).astype(dtype)
+    if window is None:
+        low, high = float(arr.min()), float(arr.max())
+        unit = rescale_to_unit(arr)
+    else:
+        low, high = linear_range(*window)
+        unit = apply_window(arr, *window)
+    fast = range_to_uint8(arr, low, high, invert)
+    slow = to_uint8(unit, invert)
+    assert fast.dtype == np.uint8 and np.abs(fast.astype(int) - slow.astype(int)).max() <= 1
+    assert (fast == slow).mean() > 0.95  # the rest are exact .5 ties, rounded the other way

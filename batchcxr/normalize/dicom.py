@@ -27,7 +27,14 @@ from pydicom.uid import (
 
 from batchcxr.normalize.contract import REDUCED_FLAGS, decode_image_bytes, reduction_factor
 from batchcxr.normalize.j2k import decode_reduced, resolution_levels
-from batchcxr.normalize.window import apply_window, rescale_to_unit, rgb_to_gray, to_uint8
+from batchcxr.normalize.window import (
+    apply_window,
+    linear_range,
+    range_to_uint8,
+    rescale_to_unit,
+    rgb_to_gray,
+    to_uint8,
+)
 
 
 @dataclass(frozen=True)
@@ -166,5 +173,24 @@ def dataset_to_gray(ds: Dataset, pixels: np.ndarray) -> tuple[np.ndarray, Presen
 
         return rgb_to_gray(apply_color_lut(pixels, ds)), Presentation(photometric, "palette converted to luma")
     values = apply_modality_lut(pixels, ds)
+    invert = photometric == "MONOCHROME1"
+    linear = _linear_voi(values, ds)
+    if linear is not None:  # the common cases, in one pass
+        low, high, note = linear
+        return range_to_uint8(values, low, high, invert), Presentation(photometric, note)
     unit, note = voi_to_unit(values, ds)
-    return to_uint8(unit, invert=photometric == "MONOCHROME1"), Presentation(photometric, note)
+    return to_uint8(unit, invert=invert), Presentation(photometric, note)
+
+
+def _linear_voi(values: np.ndarray, ds: Dataset) -> tuple[float, float, str] | None:
+    """(low, high, note) when ``voi_to_unit`` would be a linear map of ``values`` (a LINEAR or
+    LINEAR_EXACT window, or no VOI at all) and ``values`` suit ``range_to_uint8``; else None."""
+    if values.dtype not in (np.uint8, np.uint16, np.int16, np.float32) or "VOILUTSequence" in ds:
+        return None
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        bounds = linear_range(center, width, function)
+        return None if bounds is None else (*bounds, f"window C={center:g} W={width:g} {function}")
+    low, high, _, _ = cv2.minMaxLoc(values)
+    return low, high, "no VOI in file: min..max of the image"

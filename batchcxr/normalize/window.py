@@ -55,6 +55,28 @@ def to_uint8(unit: np.ndarray, invert: bool = False) -> np.ndarray:
     return cv2.convertScaleAbs(x, alpha=255.0)  # x * 255, rounded half to even like np.rint
 
 
+def linear_range(center: float, width: float, function: str = "LINEAR") -> tuple[float, float] | None:
+    """The values a LINEAR or LINEAR_EXACT window maps to 0 and to 1 (``apply_window`` is linear
+    between them); None for SIGMOID or a width that ``apply_window`` refuses."""
+    function = (function or "LINEAR").upper()
+    if function == "LINEAR" and width > 1:
+        return center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    if function == "LINEAR_EXACT" and width > 0:
+        return center - width / 2, center + width / 2
+    return None
+
+
+def range_to_uint8(arr: np.ndarray, low: float, high: float, invert: bool = False) -> np.ndarray:
+    """``to_uint8(rescale_to_unit(arr, low, high), invert)`` in one OpenCV pass over an integer or
+    float32 array (no float copies): values at or below ``low`` become 0, at or above ``high`` 255."""
+    if high <= low:
+        out = np.zeros(arr.shape, dtype=np.uint8)
+    else:
+        scale = 255.0 / (high - low)
+        out = cv2.addWeighted(arr, scale, arr, 0.0, -low * scale, dtype=cv2.CV_8U)  # rounds, saturates
+    return cv2.bitwise_not(out) if invert else out
+
+
 def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
     """ITU-R BT.601 luma of an (rows, columns, 3) RGB array, as uint8."""
     if rgb.ndim != 3 or rgb.shape[2] != 3:
