@@ -59,6 +59,8 @@ def main(verbose: bool) -> None:
 @click.option("--translation", type=float, default=0.0, show_default=True)
 @click.option("--contrast", type=float, default=0.0, show_default=True, help="RandomContrast factor.")
 @click.option("--brightness", type=float, default=0.0, show_default=True, help="RandomBrightness factor.")
+@click.option("--corners", type=float, default=0.0, show_default=True,
+              help="Probability of blanking each corner square (burned-in markers).")
 @click.option("--aspect", type=float, default=0.0, show_default=True,
               help="Random horizontal-only zoom: aspect-ratio jitter against the squash shortcut.")
 @click.option("--equalize/--no-equalize", default=False, show_default=True,
@@ -76,7 +78,7 @@ def main(verbose: bool) -> None:
               show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
-          flip: bool, rotation: float, translation: float, contrast: float, brightness: float, aspect: float,
+          flip: bool, rotation: float, translation: float, contrast: float, brightness: float, corners: float, aspect: float,
           equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, split_rule: str, label_smoothing: float, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
@@ -98,7 +100,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         patience=patience,
         augment=AugmentConfig(zoom=zoom, shear=shear, horizontal_flip=flip, rotation=rotation,
                               translation=translation, contrast=contrast, brightness=brightness,
-                              aspect=aspect),
+                              corners=corners, aspect=aspect),
         head_epochs=head_epochs,
         fine_tune_from=fine_tune_from,
         tflite_path=tflite_path if model_name == "mobilenetv2" else None,

@@ -83,3 +83,18 @@ def test_aspect_jitter_stretches_width_only():
     heights = y[:, :, 112].sum(axis=1)
     assert len(set(widths.tolist())) > 3  # the width changes from image to image
     assert (heights == 224).all()  # the height never does
+
+
+def test_corner_erasing_blanks_whole_corners_only_in_training():
+    from batchcxr.training.architectures import AugmentConfig, build_augmenter
+
+    augment = build_augmenter(AugmentConfig(zoom=0, shear=0, horizontal_flip=False, corners=0.5), seed=5)
+    x = np.full((32, 224, 224, 1), 255.0, np.float32)
+    y = augment(x, training=True).numpy()[..., 0]
+    corners = np.stack([y[:, :56, :56], y[:, :56, -56:], y[:, -56:, :56], y[:, -56:, -56:]], axis=1)
+    per_corner = corners.reshape(32, 4, -1)
+    assert set(np.unique(per_corner.min(axis=2) == per_corner.max(axis=2))) == {True}  # all or nothing
+    erased = (per_corner.max(axis=2) == 0).mean()
+    assert 0.3 < erased < 0.7
+    assert (y[:, 56:-56] == 255).all() and (y[:, :, 56:-56] == 255).all()  # the rest untouched
+    assert (augment(x, training=False).numpy() == x).all()

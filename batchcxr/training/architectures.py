@@ -31,16 +31,50 @@ class AugmentConfig:
     """Keras RandomContrast factor: exposure differences between sites and machines."""
     brightness: float = 0.0
     """Keras RandomBrightness factor on the 0..255 range."""
+    corners: float = 0.0
+    """Probability of blanking each corner square (a quarter of the side): burned-in markers ("R",
+    "A-P", dates) sit in the corners, and Grad-CAM shows the models looking at them."""
     aspect: float = 0.0
     """Random horizontal-only zoom (fraction): changes the aspect ratio. The 224 px training images
     were squashed from originals whose width/height differs by class (train sample: NORMAL ~1.24,
     PNEUMONIA ~1.56), so the squash itself tells the classes apart; jitter makes it useless as a cue."""
 
 
+def corner_eraser(probability: float, seed: int, fraction: float = 0.25):
+    """A Keras layer that, in training only, sets each corner square (``fraction`` of the side)
+    of each image to 0 with ``probability``."""
+    import keras
+    from keras import ops
+
+    class CornerErase(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.generator = keras.random.SeedGenerator(seed)
+
+        def call(self, x, training=None):
+            if not training:
+                return x
+            n, h, w = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
+            rows = ops.cast(ops.arange(h), "float32") / ops.cast(h, "float32")
+            cols = ops.cast(ops.arange(w), "float32") / ops.cast(w, "float32")
+            top, left = rows < fraction, cols < fraction
+            bottom, right = rows >= 1 - fraction, cols >= 1 - fraction
+            keep = ops.ones((n, h, w), "float32")
+            for r, c in ((top, left), (top, right), (bottom, left), (bottom, right)):
+                corner = ops.cast(ops.logical_and(r[:, None], c[None, :]), "float32")  # (h, w)
+                hit = ops.cast(keras.random.uniform((n, 1, 1), seed=self.generator) < probability, "float32")
+                keep = keep * (1.0 - hit * corner[None])
+            return x * keep[..., None]
+
+    return CornerErase(name="corner_erase")
+
+
 def build_augmenter(cfg: AugmentConfig, seed: int):
     import keras
 
     steps = []
+    if cfg.corners > 0:
+        steps.append(corner_eraser(cfg.corners, seed))
     if cfg.rotation > 0:
         steps.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="constant", seed=seed))
     if cfg.translation > 0:
