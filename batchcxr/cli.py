@@ -78,8 +78,8 @@ def main(verbose: bool) -> None:
               show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
-          flip: bool, rotation: float, translation: float, contrast: float, brightness: float, corners: float, aspect: float,
-          equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
+          flip: bool, rotation: float, translation: float, contrast: float, brightness: float,
+          corners: float, aspect: float, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, split_rule: str, label_smoothing: float, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
     from batchcxr.training.architectures import AugmentConfig
