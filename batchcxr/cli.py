@@ -214,8 +214,6 @@ def _settings(config: Path | None, **overrides):
         raise click.UsageError(str(exc)) from exc
 
 
-
-
 @main.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @config_option

@@ -26,7 +26,7 @@ from pydicom.uid import (
 )
 
 from batchcxr.normalize.contract import REDUCED_FLAGS, decode_image_bytes, reduction_factor
-from batchcxr.normalize.j2k import decode_reduced, resolution_levels
+from batchcxr.normalize.j2k import decode_reduced
 from batchcxr.normalize.window import (
     apply_window,
     linear_range,
@@ -81,7 +81,8 @@ def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
             return decode_image_bytes(_first_frame(ds), reduce=factor)
     if (tsuid in (JPEG2000Lossless, JPEG2000) and single_gray and int(ds.get("PixelRepresentation", 0) or 0) == 0
             and str(ds.get("PhotometricInterpretation", "")).upper() in ("MONOCHROME1", "MONOCHROME2")):
-        levels = resolution_levels(int(ds.Rows), int(ds.Columns), keep_short, keep_long)
+        # each wavelet level halves both sides: the same powers of two as JPEG's DCT scaling
+        levels = reduction_factor(int(ds.Rows), int(ds.Columns), keep_short, keep_long).bit_length() - 1
         reduced = decode_reduced(_first_frame(ds), levels) if levels else None
         if reduced is not None and reduced.ndim == 2:
             return reduced

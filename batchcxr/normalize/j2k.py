@@ -15,20 +15,6 @@ import tempfile
 
 import numpy as np
 
-MAX_LEVELS = 5
-
-
-def resolution_levels(rows: int, columns: int, keep_short: int, keep_long: int) -> int:
-    """How many levels to drop (each halves both sides, rounding up) while the short side stays
-    >= keep_short and the long side >= keep_long."""
-    levels = 0
-    while levels < MAX_LEVELS:
-        step = 2 ** (levels + 1)
-        if -(-min(rows, columns) // step) < keep_short or -(-max(rows, columns) // step) < keep_long:
-            break
-        levels += 1
-    return levels
-
 
 def available() -> bool:
     """Whether glymur and a usable libopenjp2 are installed."""
