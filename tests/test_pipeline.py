@@ -103,6 +103,34 @@ def test_gradcam_layer_blends_like_a_full_size_overlay():
     assert np.median(diff) < 3 and np.percentile(diff, 99) < 25  # JET's steep ramps, interpolated twice
 
 
+def test_gradcam_layer_colours_are_opencvs_jet():
+    import cv2
+
+    from batchcxr.report.overlay import heatmap_layer
+
+    heat = np.random.default_rng(3).random((28, 28)).astype(np.float32)
+    layer = heatmap_layer(heat, (1400, 1700), 0.5)
+    stretched = cv2.resize(heat, (layer.shape[1], layer.shape[0]), interpolation=cv2.INTER_LINEAR)
+    level = cv2.convertScaleAbs(stretched, alpha=255.0)
+    assert np.array_equal(layer[..., :3], cv2.applyColorMap(level, cv2.COLORMAP_JET))
+    assert np.array_equal(layer[..., 3], cv2.convertScaleAbs(stretched, alpha=127.5))
+
+
+@pytest.mark.parametrize("shape", [(688, 1136), (1557, 1680), (2500, 2048), (300, 400), (1023, 1024)])
+def test_display_image_keeps_the_aspect_and_looks_like_an_area_resize(shape):
+    import cv2
+
+    from batchcxr.normalize.contract import display_image
+
+    rng = np.random.default_rng(0)
+    gray = cv2.GaussianBlur(rng.integers(0, 256, shape, dtype=np.uint8), (0, 0), 1)  # fine detail
+    shown = display_image(gray, 512)
+    scale = min(1.0, 512 / max(shape))
+    assert shown.shape == (round(shape[0] * scale), round(shape[1] * scale))
+    reference = cv2.resize(gray, shown.shape[::-1], interpolation=cv2.INTER_AREA)
+    # a plain bilinear shrink aliases (9.4 at 2500 x 2048), nearest neighbour 11-17
+    assert np.abs(shown.astype(int) - reference).mean() < 5
+
 def test_report_stacks_each_models_layer_over_the_image(tmp_path, make_scorer):
     import cv2
 

@@ -19,6 +19,9 @@ LAYER_SUFFIX = ".png"
 LAYER_SIDE = 64
 """Longest side of a Grad-CAM layer. The maps are 7 x 7 (MobileNetV2) or 28 x 28 (CNN) cells,
 so 64 px keeps the colour ramp smooth when the browser stretches it over the image."""
+JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)
+"""OpenCV's JET colour map as a (256, 1, 3) BGR table: ``cv2.LUT`` with it gives the same
+colours as ``cv2.applyColorMap``, which rebuilds the table on every call (~0.2 ms)."""
 
 
 def heatmap_layer(heatmap: np.ndarray, shape: tuple[int, int], alpha: float = 0.45,
@@ -43,11 +46,10 @@ def heatmap_layer(heatmap: np.ndarray, shape: tuple[int, int], alpha: float = 0.
     scale = min(1.0, max_side / max(shape))
     h, w = max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
     heat = cv2.resize(np.clip(heatmap, 0, 1, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    colour = cv2.applyColorMap(cv2.convertScaleAbs(heat, alpha=255.0), cv2.COLORMAP_JET)
-    layer = np.empty((h, w, 4), dtype=np.uint8)
-    layer[..., :3] = colour
-    layer[..., 3] = cv2.convertScaleAbs(heat, alpha=alpha * 255.0)  # rounds and saturates to uint8
-    return layer
+    level = cv2.convertScaleAbs(heat, alpha=255.0)
+    colour = cv2.LUT(cv2.merge([level, level, level]), JET)
+    opacity = cv2.convertScaleAbs(heat, alpha=alpha * 255.0)  # rounds and saturates to uint8
+    return cv2.merge([*cv2.split(colour), opacity])
 
 
 def encode_image(image: np.ndarray, quality: int = 90) -> bytes:
@@ -59,8 +61,10 @@ def encode_image(image: np.ndarray, quality: int = 90) -> bytes:
 
 
 def encode_layer(layer: np.ndarray) -> bytes:
-    """Encode a BGRA Grad-CAM layer (PNG, fast compression: the layers are small)."""
-    ok, buf = cv2.imencode(LAYER_SUFFIX, layer, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    """Encode a BGRA Grad-CAM layer (PNG, fast compression, no row filters: the layers are small
+    and smooth, so filtering saves nothing and costs half the encoding time)."""
+    ok, buf = cv2.imencode(LAYER_SUFFIX, layer, [cv2.IMWRITE_PNG_COMPRESSION, 1,
+                                                 cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE])
     if not ok:
         raise ValueError("layer encoding failed")
     return buf.tobytes()

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.orm import Session, selectinload
 
 from batchcxr.domain import ImageStatus, ModelOutput, PreparedImage, Rejection, StudyInfo
@@ -159,17 +159,20 @@ class Store:
                 image.updated_at = now
                 rows.append((item, image))
             s.flush()  # ids for new images
+            new_preds = []
             for item, image in rows:
                 for out in item.outputs:
+                    values = dict(run_id=run_id, model_name=out.model_name, probability=out.probability,
+                                  label=out.label, threshold=out.threshold,
+                                  heatmap_path=item.overlay_paths.get(out.model_name, ""), created_at=now)
                     pred = preds.get((image.id, out.model_version))
                     if pred is None:
-                        pred = preds[(image.id, out.model_version)] = Prediction(
-                            image_id=image.id, model_version=out.model_version)
-                        s.add(pred)
-                    pred.run_id, pred.model_name = run_id, out.model_name
-                    pred.probability, pred.label, pred.threshold = out.probability, out.label, out.threshold
-                    pred.heatmap_path = item.overlay_paths.get(out.model_name, "")
-                    pred.created_at = now
+                        new_preds.append(dict(values, image_id=image.id, model_version=out.model_version))
+                    else:
+                        for k, v in values.items():
+                            setattr(pred, k, v)
+            if new_preds:
+                s.execute(insert(Prediction), new_preds)  # one executemany, no unit-of-work objects
 
     def record_rejections(self, run_id: int, rejections: Sequence[Rejection]) -> None:
         with self.session() as s, s.begin():
