@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 from werkzeug.security import generate_password_hash
 from werkzeug.serving import make_server
 
@@ -91,6 +92,7 @@ def test_review_flow_in_a_real_browser(site, page):
     assert rows.count() == 8  # 7 demo studies + the evil one
     page.locator("a.study-link").first.click()
     page.wait_for_selector("#verdict-form")
+    page.wait_for_load_state("load")  # app.js (end of body) has run: its handlers are attached
     study_url = page.url
     # toggle the Grad-CAM overlay of a model and change its opacity
     section = page.locator(".viewer-section").first
@@ -98,7 +100,7 @@ def test_review_flow_in_a_real_browser(site, page):
     assert overlay.is_hidden()
     select = section.locator(".overlay-select")
     select.select_option(index=1)
-    assert re.search(r"/overlay/\d+$", overlay.get_attribute("src"))
+    expect(overlay).to_have_attribute("src", re.compile(r"/overlay/\d+$"))  # waits for app.js's handler
     overlay.wait_for(state="visible", timeout=10_000)  # has a box once loaded
     assert overlay.evaluate("el => el.naturalWidth") > 0  # the overlay JPEG really loaded
     section.locator(".opacity").fill("40")
