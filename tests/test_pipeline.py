@@ -31,7 +31,8 @@ def make_scorer(tmp_path, models):
     stores = []
 
     def make(**overrides) -> Scorer:
-        settings = Settings(db_url=str(tmp_path / "results.sqlite"), reports_dir=tmp_path / "reports", **overrides)
+        settings = Settings(**{"db_url": str(tmp_path / "results.sqlite"), "reports_dir": tmp_path / "reports",
+                               **overrides})
         store = Store.open(settings.sqlalchemy_url)
         stores.append(store)
         return Scorer(settings, store, models)
@@ -232,6 +233,28 @@ def test_bad_input_is_recorded_kept_and_the_run_goes_on(tmp_path, make_scorer):
     for path, data in before.items():  # nothing deleted, nothing changed
         assert path.read_bytes() == data
 
+
+def test_decode_worker_process_gives_the_inline_results(tmp_path, make_scorer):
+    """Enough files for the decode worker (tasks of several files, a bounded look-ahead), bad
+    files among them: the same outcomes and scores as preparing every file in this process."""
+    folder = tmp_path / "in"
+    _bad_inputs(folder)
+    for k in range(14):
+        dicom_file(folder / "more" / f"m{k:02d}.dcm", chest_like(seed=k), StudyInstanceUID=f"1.2.3.{k}")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert len(paths) >= 2 * 4  # over twice batch_size: the worker path
+    runs = {}
+    for workers in (0, 1):
+        scorer = make_scorer(batch_size=4, decode_workers=workers, db_url=str(tmp_path / f"w{workers}.sqlite"),
+                             reports_dir=tmp_path / f"reports{workers}")
+        summary = scorer.score_paths(folder, paths)
+        runs[workers] = summary, {(r["path"], r["model_name"]): r["probability"] for r in scorer.store.prediction_rows()}
+    (inline, inline_scores), (pooled, pooled_scores) = runs[0], runs[1]
+    assert pooled.scored == inline.scored == 17 and pooled.failed == inline.failed
+    assert {p: (f.status, f.reason) for p, f in pooled.files.items()} == \
+        {p: (f.status, f.reason) for p, f in inline.files.items()}
+    assert pooled_scores.keys() == inline_scores.keys()
+    assert all(abs(pooled_scores[k] - inline_scores[k]) < 1e-6 for k in inline_scores)
 
 def test_markup_in_dicom_fields_is_inert_and_chooses_no_path(tmp_path, make_scorer):
     folder = tmp_path / "in"
