@@ -70,9 +70,9 @@ def range_to_uint8(arr: np.ndarray, low: float, high: float, invert: bool = Fals
     """``to_uint8(rescale_to_unit(arr, low, high), invert)`` straight from an integer or float32
     array (no float copies): values at or below ``low`` become 0, at or above ``high`` 255.
 
-    ``cv2.convertScaleAbs`` does the scaling, rounding and saturation in one pass (eight times
-    faster than ``cv2.addWeighted``), but takes the absolute value: the values below ``low`` are
-    set back to 0 with a comparison mask."""
+    ``cv2.convertScaleAbs`` does the scaling, rounding and saturation in one pass but takes the
+    absolute value, so the values below ``low`` are set back to 0 with a comparison mask; both
+    together take a third of the time of ``cv2.addWeighted`` with a zero-weight second input."""
     if high <= low:
         out = np.zeros(arr.shape, dtype=np.uint8)
     else:
