@@ -132,6 +132,7 @@ def test_display_image_keeps_the_aspect_and_looks_like_an_area_resize(shape):
     # a plain bilinear shrink aliases (9.4 at 2500 x 2048), nearest neighbour 11-17
     assert np.abs(shown.astype(int) - reference).mean() < 5
 
+
 def test_report_stacks_each_models_layer_over_the_image(tmp_path, make_scorer):
     import cv2
 
@@ -248,13 +249,15 @@ def test_decode_worker_process_gives_the_inline_results(tmp_path, make_scorer):
         scorer = make_scorer(batch_size=4, decode_workers=workers, db_url=str(tmp_path / f"w{workers}.sqlite"),
                              reports_dir=tmp_path / f"reports{workers}")
         summary = scorer.score_paths(folder, paths)
-        runs[workers] = summary, {(r["path"], r["model_name"]): r["probability"] for r in scorer.store.prediction_rows()}
+        scores = {(r["path"], r["model_name"]): r["probability"] for r in scorer.store.prediction_rows()}
+        runs[workers] = summary, scores
     (inline, inline_scores), (pooled, pooled_scores) = runs[0], runs[1]
     assert pooled.scored == inline.scored == 17 and pooled.failed == inline.failed
     assert {p: (f.status, f.reason) for p, f in pooled.files.items()} == \
         {p: (f.status, f.reason) for p, f in inline.files.items()}
     assert pooled_scores.keys() == inline_scores.keys()
     assert all(abs(pooled_scores[k] - inline_scores[k]) < 1e-6 for k in inline_scores)
+
 
 def test_markup_in_dicom_fields_is_inert_and_chooses_no_path(tmp_path, make_scorer):
     folder = tmp_path / "in"
