@@ -51,6 +51,19 @@ def _first(value) -> float:
     return float(value)
 
 
+NO_VOI_NOTE = "no VOI in file: min..max of the image"
+
+
+def _window(ds: Dataset) -> tuple[float, float, str, str] | None:
+    """The first Window Center and Width, the VOI LUT Function and their QC note; None when the
+    file has no window."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+    return center, width, function, f"window C={center:g} W={width:g} {function}"
+
+
 def voi_to_unit(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
     """Apply the first VOI LUT or window of ``ds`` to modality values; return [0, 1] and a note."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
@@ -58,11 +71,11 @@ def voi_to_unit(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
         out = apply_voi(values, ds, index=0)
         bits = int(item.LUTDescriptor[2])
         return rescale_to_unit(out, 0, 2**bits - 1), "VOI LUT Sequence (first)"
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
-        return apply_window(values, center, width, function), f"window C={center:g} W={width:g} {function}"
-    return rescale_to_unit(values), "no VOI in file: min..max of the image"
+    window = _window(ds)
+    if window is not None:
+        center, width, function, note = window
+        return apply_window(values, center, width, function), note
+    return rescale_to_unit(values), NO_VOI_NOTE
 
 
 def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
@@ -188,10 +201,10 @@ def _linear_voi(values: np.ndarray, ds: Dataset) -> tuple[float, float, str] | N
     LINEAR_EXACT window, or no VOI at all) and ``values`` suit ``range_to_uint8``; else None."""
     if values.dtype not in (np.uint8, np.uint16, np.int16, np.float32) or "VOILUTSequence" in ds:
         return None
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+    window = _window(ds)
+    if window is not None:
+        center, width, function, note = window
         bounds = linear_range(center, width, function)
-        return None if bounds is None else (*bounds, f"window C={center:g} W={width:g} {function}")
+        return None if bounds is None else (*bounds, note)
     low, high, _, _ = cv2.minMaxLoc(values)
-    return low, high, "no VOI in file: min..max of the image"
+    return low, high, NO_VOI_NOTE
