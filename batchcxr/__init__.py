@@ -9,4 +9,11 @@ they share ``normalize.contract`` with scoring, so a model never sees pixels
 prepared differently from how it was trained.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# Defence in depth against decompression bombs: OpenCV refuses to decode images of more pixels
+# than this (read once, when cv2 loads; batchcxr checks every header against its own, lower
+# limits first: normalize/headers.py).
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 27))
