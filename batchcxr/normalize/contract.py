@@ -27,6 +27,9 @@ class PreprocessContract:
     grayscale: str = "cv2 IMREAD_GRAYSCALE for JPEG/PNG; DICOM via normalize.dicom to 8 bit"
     equalize: bool = False
     """Global histogram equalization (cv2.equalizeHist) of the 224 x 224 image, per model."""
+    lungs: str = "none"
+    """Lung-field contract (normalize.lungfield.apply_lungs): none, crop, mask or crop+mask, applied
+    to the 224 x 224 image before equalization, with the lung segmenter named in the card."""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -38,6 +41,11 @@ CONTRACT = PreprocessContract()
 def equalize_of(card: dict) -> bool:
     """Whether a model (by its card) wants histogram-equalized input."""
     return bool(card.get("preprocessing", {}).get("equalize", False))
+
+
+def lungs_of(card: dict) -> str:
+    """A model's lung-field contract (by its card): none, crop, mask or crop+mask."""
+    return str(card.get("preprocessing", {}).get("lungs", "none"))
 
 
 def finish_batch(batch: np.ndarray, equalize: bool) -> np.ndarray:
@@ -75,30 +83,6 @@ def to_model_input(gray: np.ndarray, size: int = CONTRACT.input_size) -> np.ndar
 
 REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
                  8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
-    """(rows, columns) from a JPEG's start-of-frame segment, or None if not found."""
-    i = 2
-    n = len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in _SOF_MARKERS:
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
-        i += 2 + length
-    return None
-
-
 def reduction_factor(rows: int, columns: int, keep_short: int, keep_long: int) -> int:
     """Largest JPEG DCT scaling (8, 4 or 2) that leaves the short side >= keep_short and the
     long side >= keep_long; 1 when none does."""

@@ -29,6 +29,7 @@ from batchcxr.normalize.contract import REDUCED_FLAGS, decode_image_bytes, reduc
 from batchcxr.normalize.j2k import decode_reduced
 from batchcxr.normalize.window import (
     apply_window,
+    colourfulness,
     linear_range,
     range_to_uint8,
     rescale_to_unit,
@@ -43,6 +44,8 @@ class Presentation:
 
     photometric: str
     window: str
+    colourfulness: float = 0.0
+    """Of the colour image before it became grey (0 for grey images)."""
 
 
 def _first(value) -> float:
@@ -91,18 +94,19 @@ def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
     if tsuid in (JPEGBaseline8Bit, JPEGExtended12Bit) and int(ds.get("BitsAllocated", 0)) == 8 and single_gray:
         factor = reduction_factor(int(ds.Rows), int(ds.Columns), keep_short, keep_long)
         if factor in REDUCED_FLAGS:
-            return decode_image_bytes(_first_frame(ds), reduce=factor)
+            return decode_image_bytes(first_frame(ds), reduce=factor)
     if (tsuid in (JPEG2000Lossless, JPEG2000) and single_gray and int(ds.get("PixelRepresentation", 0) or 0) == 0
             and str(ds.get("PhotometricInterpretation", "")).upper() in ("MONOCHROME1", "MONOCHROME2")):
         # each wavelet level halves both sides: the same powers of two as JPEG's DCT scaling
         levels = reduction_factor(int(ds.Rows), int(ds.Columns), keep_short, keep_long).bit_length() - 1
-        reduced = decode_reduced(_first_frame(ds), levels) if levels else None
+        reduced = decode_reduced(first_frame(ds), levels) if levels else None
         if reduced is not None and reduced.ndim == 2:
             return reduced
     return ds.pixel_array
 
 
-def _first_frame(ds: Dataset) -> bytes:
+def first_frame(ds: Dataset) -> bytes:
+    """The first frame's bytes of encapsulated Pixel Data."""
     from pydicom.encaps import generate_frames
 
     return next(generate_frames(ds.PixelData, number_of_frames=1))
@@ -177,7 +181,7 @@ def dataset_to_gray(ds: Dataset, pixels: np.ndarray) -> tuple[np.ndarray, Presen
     """
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
-        return rgb_to_gray(pixels), Presentation(photometric, "colour converted to luma")
+        return rgb_to_gray(pixels), Presentation(photometric, "colour converted to luma", _colour(pixels))
     if pixels.ndim != 2:
         raise ValueError(f"expected a single 2-D frame, found pixel array shape {pixels.shape}")
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
@@ -185,7 +189,8 @@ def dataset_to_gray(ds: Dataset, pixels: np.ndarray) -> tuple[np.ndarray, Presen
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
-        return rgb_to_gray(apply_color_lut(pixels, ds)), Presentation(photometric, "palette converted to luma")
+        rgb = apply_color_lut(pixels, ds)
+        return rgb_to_gray(rgb), Presentation(photometric, "palette converted to luma", _colour(rgb))
     values = apply_modality_lut(pixels, ds)
     invert = photometric == "MONOCHROME1"
     linear = _linear_voi(values, ds)
@@ -194,6 +199,13 @@ def dataset_to_gray(ds: Dataset, pixels: np.ndarray) -> tuple[np.ndarray, Presen
         return range_to_uint8(values, low, high, invert), Presentation(photometric, note)
     unit, note = voi_to_unit(values, ds)
     return to_uint8(unit, invert=invert), Presentation(photometric, note)
+
+
+def _colour(rgb: np.ndarray) -> float:
+    small = rgb[:: max(1, rgb.shape[0] // 128), :: max(1, rgb.shape[1] // 128)]
+    if small.dtype != np.uint8:
+        small = (rescale_to_unit(small.astype(np.float32)) * 255).astype(np.uint8)
+    return colourfulness(small)
 
 
 def _linear_voi(values: np.ndarray, ds: Dataset) -> tuple[float, float, str] | None:

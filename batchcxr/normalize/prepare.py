@@ -1,17 +1,23 @@
 """Bytes of one file -> a PreparedImage for the models, or a Rejection with its reason.
 
-Works on bytes already read (no file I/O here). Order: parse -> quality gate
-on metadata -> pixel-count limit -> decode -> 8-bit grayscale -> model input.
+Works on bytes already read (no file I/O here). Order: parse -> quality gate on metadata ->
+size limits from headers (the data set's Rows/Columns, and the frame's own header for
+encapsulated DICOM, PNG's IHDR, JPEG's frame header) -> decode -> 8-bit grayscale -> model
+input. No decoder runs before the size of what it will produce is known and within limits.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from io import BytesIO
 
 import pydicom
+import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE  # bad values fail with a reason, not a warning
 
 from batchcxr.domain import (
     FailStage,
@@ -27,11 +33,12 @@ from batchcxr.normalize.contract import (
     CONTRACT,
     decode_image_bytes,
     display_image,
-    jpeg_dimensions,
     reduction_factor,
     to_model_input,
 )
-from batchcxr.normalize.dicom import dataset_to_gray, decode_pixels, native_frame, shrink_stored
+from batchcxr.normalize.dicom import dataset_to_gray, decode_pixels, first_frame, native_frame, shrink_stored
+from batchcxr.normalize.headers import FrameHeader, InflateLimit, frame_header, inflate_capped, jpeg_header, png_header
+from batchcxr.normalize.window import colourfulness
 from batchcxr.settings import SECONDARY_CAPTURE_SOP_CLASSES, QualitySettings
 
 log = logging.getLogger(__name__)
@@ -98,18 +105,77 @@ def quality_gate(ds: Dataset, q: QualitySettings) -> str | None:
     return None
 
 
-def _pixel_count(ds: Dataset) -> int:
-    return (
-        int(ds.get("Rows", 0) or 0)
-        * int(ds.get("Columns", 0) or 0)
-        * int(ds.get("NumberOfFrames", 1) or 1)
-        * int(ds.get("SamplesPerPixel", 1) or 1)
-    )
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-def parse_dicom(data: bytes, force: bool) -> Dataset:
-    """Parse DICOM bytes; values over 64 KiB (Pixel Data) are read only when used."""
+def deflated_data_set(data: bytes):
+    """(file meta, offset of the deflate stream) when ``data`` is a Deflated Explicit VR Little
+    Endian DICOM file; None otherwise (or when its meta cannot be read)."""
+    if len(data) < 132 or data[128:132] != b"DICM" or DEFLATED.encode() not in data[132:4096]:
+        return None
+    from pydicom.filereader import _read_file_meta_info
+
+    fp = BytesIO(data)
+    fp.seek(132)
+    try:
+        meta = _read_file_meta_info(fp)
+    except Exception:  # noqa: BLE001 - a broken meta is not deflated data: the normal parse says why
+        return None
+    return (meta, fp.tell()) if meta.get("TransferSyntaxUID") == DEFLATED else None
+
+
+def parse_dicom(data: bytes, force: bool, max_inflated: int = 256 << 20) -> Dataset:
+    """Parse DICOM bytes; values over 64 KiB (Pixel Data) are read only when used.
+
+    A Deflated Explicit VR Little Endian data set is inflated here, through a decompressor
+    capped at ``max_inflated`` bytes (pydicom would inflate it whole, however large).
+
+    Raises
+    ------
+    InflateLimit
+        The deflated data set inflates to more than ``max_inflated`` bytes.
+    """
+    deflated = deflated_data_set(data)
+    if deflated is not None:
+        from pydicom.dataset import FileDataset
+        from pydicom.filereader import read_dataset
+
+        meta, offset = deflated
+        try:
+            inflated = inflate_capped(data[offset:], max_inflated)
+        except zlib.error as exc:
+            raise InvalidDicomError(f"deflated data set cannot be inflated ({exc})") from exc
+        buf = BytesIO(inflated)
+        ds = read_dataset(buf, is_implicit_VR=False, is_little_endian=True, defer_size=65536)
+        return FileDataset(buf, ds, data[:128], meta, is_implicit_VR=False, is_little_endian=True)
     return pydicom.dcmread(BytesIO(data), force=force, defer_size=65536)
+
+
+def study_uid(data: bytes) -> str:
+    """The StudyInstanceUID of DICOM bytes, reading only as far as it ('' when there is none or
+    the header is broken: the pipeline then says why). A Deflated data set is inflated only up to
+    a few hundred KiB (the UID comes long before the pixel data)."""
+    from pydicom.filereader import read_dataset
+
+    def past_uid(tag, _vr, _length) -> bool:
+        return tag > 0x0020000D
+
+    try:
+        deflated = deflated_data_set(data)
+        if deflated is not None:
+            prefix = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[deflated[1]:], 512 * 1024)
+            ds = read_dataset(BytesIO(prefix), is_implicit_VR=False, is_little_endian=True, stop_when=past_uid)
+            return str(ds.get("StudyInstanceUID", "") or "").strip()
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["StudyInstanceUID"],
+                             defer_size=1024)
+        return str(ds.get("StudyInstanceUID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - a broken header fails later, in the pipeline, with its reason
+        return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def _looks_like_dicom(ds: Dataset) -> bool:
@@ -128,31 +194,69 @@ def _prepared(source, study, image, gray, notes, display_size) -> PreparedImage:
     return PreparedImage(source, study, image, display_image(gray, display_size), to_model_input(gray), notes)
 
 
+def _too_large(header: FrameHeader, q: QualitySettings, what: str) -> str | None:
+    """Why a frame of this size must not be decoded, or None."""
+    if header.pixels > q.max_pixels:
+        return (f"{what} too large ({header.rows}x{header.columns} = {header.pixels:,} pixels > limit "
+                f"{q.max_pixels:,}); not decoded")
+    if header.decoded_bytes > q.max_decoded_bytes:
+        return (f"{what} too large ({header.decoded_bytes:,} bytes decoded > limit {q.max_decoded_bytes:,}); "
+                "not decoded")
+    return None
+
+
+def check_dicom_size(ds: Dataset, q: QualitySettings) -> str | None:
+    """Why the pixel data must not be decoded (its declared size, or a frame header that
+    disagrees with Rows/Columns), or None. Reads only headers."""
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    declared = FrameHeader(rows, columns * frames, samples, bits)
+    reason = _too_large(declared, q, "declared pixel data")
+    if reason:
+        return reason
+    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsuid is None or not tsuid.is_transfer_syntax or not tsuid.is_encapsulated or "PixelData" not in ds:
+        return None  # native data is Rows x Columns; an unknown syntax fails at decoding, with its name
+    try:
+        frame = first_frame(ds)
+    except Exception as exc:  # noqa: BLE001 - broken encapsulation
+        return f"pixel data cannot be decoded (encapsulated frame unreadable: {exc})"
+    header = frame_header(frame)
+    if header is None:
+        if tsuid == "1.2.840.10008.1.2.5":  # RLE: the output size is Rows x Columns
+            return None
+        return f"pixel data cannot be decoded (no frame header found in the {tsuid.name} frame); not decoded"
+    if (header.rows, header.columns) != (rows, columns):
+        return (f"frame header says {header.rows}x{header.columns} but Rows/Columns say {rows}x{columns}; "
+                "not decoded")
+    return _too_large(header, q, "frame")
+
+
 def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_key: str,
                   display_size: int) -> PreparedImage | Rejection:
     try:
-        ds = parse_dicom(data, force=source.kind != FileKind.DICOM)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
-        return _reject(source, ImageStatus.FAILED, FailStage.PARSE, f"corrupt DICOM: {exc}")
+        ds = parse_dicom(data, force=source.kind != FileKind.DICOM, max_inflated=q.max_file_bytes)
+    except InflateLimit as exc:
+        return _reject(source, ImageStatus.FAILED, FailStage.PARSE, f"{exc}; not decoded")
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt data (found by benchmarks/fuzz.py)
+        return _reject(source, ImageStatus.FAILED, FailStage.PARSE, f"corrupt DICOM: {_first_line(exc)}")
     if not _looks_like_dicom(ds):
         if source.kind == FileKind.OTHER:
             return _reject(source, ImageStatus.SKIPPED, FailStage.SNIFF, "not a DICOM, JPEG or PNG file")
         return _reject(source, ImageStatus.FAILED, FailStage.PARSE,
                        "corrupt DICOM: DICM preamble but no SOP Class, Study UID or pixel data")
-    try:
+    try:  # elements are parsed when first read: any of these may meet a malformed one
         study, image = study_info(ds, folder_key), image_info(ds)
+        skip = quality_gate(ds, q)
+        refuse = None if skip else check_dicom_size(ds, q)
     except Exception as exc:  # noqa: BLE001 - any malformed element
-        return _reject(source, ImageStatus.FAILED, FailStage.PARSE, f"corrupt DICOM header: {exc}")
-    reason = quality_gate(ds, q)
-    if reason:
-        return _reject(source, ImageStatus.SKIPPED, FailStage.QUALITY, reason, study, image)
-    pixels = _pixel_count(ds)
-    if pixels > q.max_pixels:
-        return _reject(
-            source, ImageStatus.FAILED, FailStage.DECODE,
-            f"declared pixel data too large ({pixels:,} pixels > limit {q.max_pixels:,}); not decoded",
-            study, image,
-        )
+        return _reject(source, ImageStatus.FAILED, FailStage.PARSE, f"corrupt DICOM header: {_first_line(exc)}")
+    if skip:
+        return _reject(source, ImageStatus.SKIPPED, FailStage.QUALITY, skip, study, image)
+    if refuse:
+        return _reject(source, ImageStatus.FAILED, FailStage.DECODE, refuse, study, image)
     try:
         frame = native_frame(ds, data)
         if frame is None:
@@ -165,6 +269,9 @@ def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_ke
     except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt data
         return _reject(source, ImageStatus.FAILED, FailStage.DECODE,
                        f"pixel data cannot be decoded ({type(exc).__name__}: {exc})", study, image)
+    if q.require_chest and presentation.colourfulness > q.max_colourfulness:
+        return _reject(source, ImageStatus.SKIPPED, FailStage.QUALITY, _colour_reason(presentation.colourfulness),
+                       study, image)
     notes = [f"{presentation.photometric}; {presentation.window}"]
     if image.transfer_syntax:
         notes.append(f"transfer syntax {image.transfer_syntax}")
@@ -179,31 +286,50 @@ def _image_complete(kind: FileKind, data: bytes) -> bool:
     return b"IEND" in data[-16:]
 
 
+def _colour_reason(colour: float) -> str:
+    return f"colour picture (colourfulness {colour:.0f}): not a chest radiograph"
+
+
+def bitmap_colourfulness(data: bytes, kind: FileKind) -> float:
+    """Colourfulness of a colour JPEG (decoded at 1/8 size) or PNG (decoded, then sampled)."""
+    import cv2
+    import numpy as np
+
+    flag = cv2.IMREAD_REDUCED_COLOR_8 if kind == FileKind.JPEG else cv2.IMREAD_COLOR
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if img is None:
+        return 0.0
+    step = max(1, max(img.shape[:2]) // 128)
+    return colourfulness(img[::step, ::step])
+
+
 def prepare_bitmap(source: SourceFile, data: bytes, q: QualitySettings, folder_key: str,
                    display_size: int) -> PreparedImage | Rejection:
     study = StudyInfo(study_key=folder_key)
+    kind = source.kind.value.upper()
     if not _image_complete(source.kind, data):
-        return _reject(source, ImageStatus.FAILED, FailStage.DECODE,
-                       f"truncated {source.kind.value.upper()} (no end marker)", study)
-    dims = jpeg_dimensions(data) if source.kind == FileKind.JPEG else None
-    if dims is not None and dims[0] * dims[1] > q.max_pixels:
-        return _reject(source, ImageStatus.FAILED, FailStage.DECODE,
-                       f"image too large ({dims[0] * dims[1]:,} pixels > limit {q.max_pixels:,}); not decoded",
-                       study, ImageInfo(rows=dims[0], columns=dims[1]))
-    factor = reduction_factor(*dims, KEEP_SHORT, display_size) if dims else 1
+        return _reject(source, ImageStatus.FAILED, FailStage.DECODE, f"truncated {kind} (no end marker)", study)
+    header = jpeg_header(data) if source.kind == FileKind.JPEG else png_header(data)
+    if header is None:
+        what = "no frame header (SOF) before the first scan" if source.kind == FileKind.JPEG else "no IHDR chunk"
+        return _reject(source, ImageStatus.FAILED, FailStage.DECODE, f"corrupt {kind}: {what}; not decoded", study)
+    image = ImageInfo(rows=header.rows, columns=header.columns)
+    reason = _too_large(header, q, "image")
+    if reason:
+        return _reject(source, ImageStatus.FAILED, FailStage.DECODE, reason, study, image)
+    if min(header.rows, header.columns) < q.min_size:
+        return _reject(source, ImageStatus.SKIPPED, FailStage.QUALITY,
+                       f"image too small ({header.rows}x{header.columns}, minimum {q.min_size} px)", study, image)
+    factor = reduction_factor(header.rows, header.columns, KEEP_SHORT, display_size) if source.kind == FileKind.JPEG else 1
+    if q.require_chest and header.samples >= 3:
+        colour = bitmap_colourfulness(data, source.kind)
+        if colour > q.max_colourfulness:
+            return _reject(source, ImageStatus.SKIPPED, FailStage.QUALITY, _colour_reason(colour), study, image)
     try:
         gray = decode_image_bytes(data, reduce=factor)
     except ValueError as exc:
-        return _reject(source, ImageStatus.FAILED, FailStage.DECODE, f"corrupt {source.kind.value.upper()}: {exc}", study)
-    rows, cols = dims if dims else gray.shape
-    image = ImageInfo(rows=rows, columns=cols)
-    if min(rows, cols) < q.min_size:
-        return _reject(source, ImageStatus.SKIPPED, FailStage.QUALITY,
-                       f"image too small ({rows}x{cols}, minimum {q.min_size} px)", study, image)
-    if rows * cols > q.max_pixels:
-        return _reject(source, ImageStatus.FAILED, FailStage.DECODE,
-                       f"image too large ({rows * cols:,} pixels > limit {q.max_pixels:,})", study, image)
-    note = f"{source.kind.value.upper()} file" + (f", decoded at 1/{factor} size" if factor > 1 else "")
+        return _reject(source, ImageStatus.FAILED, FailStage.DECODE, f"corrupt {kind}: {exc}", study, image)
+    note = f"{kind} file" + (f", decoded at 1/{factor} size" if factor > 1 else "")
     return _prepared(source, study, image, gray, [note], display_size)
 
 

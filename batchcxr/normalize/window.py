@@ -90,3 +90,13 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
     if rgb.dtype != np.uint8:
         return to_uint8(rescale_to_unit(y))
     return np.rint(y).astype(np.uint8)
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler and Suesstrunk's colourfulness of an (rows, columns, 3) uint8 image (either channel
+    order), on the 0..255 scale: 0 for grey, ~20-100 for colour photographs. A grey radiograph
+    stored as RGB (equal channels, a uniform tint) stays near 0."""
+    x = np.asarray(rgb, dtype=np.float32)
+    rg = x[..., 0] - x[..., 1]
+    yb = 0.5 * (x[..., 0] + x[..., 1]) - x[..., 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
