@@ -31,16 +31,21 @@ class FailStage(str, Enum):
     QUALITY = "quality"
     DECODE = "decode"
     INFER = "infer"
+    STORE = "store"
 
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A file found by ingest: its bytes' hash and what its content says it is."""
+    """A file found by ingest: its bytes' hash and what its content says it is, and the identity
+    (device, inode, mtime) it had when it was read."""
 
     path: Path
     kind: FileKind
     sha256: str
     size: int
+    device: int = 0
+    inode: int = 0
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,16 @@ class Rejection:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """A file not handled this time, for a reason that is not the file's fault: it vanished,
+    changed while being read, is still being written, or another process is handling it."""
+
+    source: SourceFile
+    reason: str
+    vanished: bool = False
+
+
+@dataclass(frozen=True)
 class ModelOutput:
     """One model's answer for one image."""
 
@@ -105,7 +120,12 @@ class ModelOutput:
     probability: float
     threshold: float
     heatmap: np.ndarray
-    """float32 (h, w) in [0, 1], the Grad-CAM map at the CAM layer's resolution."""
+    """float32 (h, w) in [0, 1], the Grad-CAM map at the CAM layer's resolution, over ``box`` of
+    the 224 px input (the whole input unless the model reads a lung crop)."""
+    calibrated: float | None = None
+    """P(pneumonia) after the card's calibration (None when the model has none)."""
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    """(top, left, bottom, right) fractions of the image the map covers."""
 
     @property
     def label(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -32,10 +32,18 @@ class Run(Base):
     unchanged: Mapped[int] = mapped_column(Integer, default=0)
     seconds: Mapped[float | None] = mapped_column(Float)
     model_versions: Mapped[list] = mapped_column(JSON, default=list)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int | None] = mapped_column(Integer)
+    """Who ran it: a run left ``running`` by a process that is gone is marked ``interrupted``."""
 
 
 class Study(Base):
+    """A study, with its result per model kept up to date (denormalized) so lists sort and filter
+    in SQL however large the archive."""
+
     __tablename__ = "studies"
+    __table_args__ = (Index("ix_studies_max_score", "max_score", "id"), Index("ix_studies_study_date", "study_date"),
+                      Index("ix_studies_report_stale", "report_stale"))
     id: Mapped[int] = mapped_column(primary_key=True)
     study_key: Mapped[str] = mapped_column(String(255), unique=True)
     """StudyInstanceUID, or ``folder:<path>`` for JPEG/PNG studies."""
@@ -45,6 +53,20 @@ class Study(Base):
     study_date: Mapped[str] = mapped_column(String(32), default="")
     study_description: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    max_score: Mapped[float] = mapped_column(Float, default=-1.0)
+    """Highest frontal-image probability over all models (-1: nothing scored; never NULL, so the
+    worklist order is one index scan on SQLite and PostgreSQL alike)."""
+    positive: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Some model labels the study PNEUMONIA."""
+    negative: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Some model labels the study NORMAL."""
+    disagree: Mapped[bool] = mapped_column(Boolean, default=False)
+    """The models' labels differ on the study or on one of its images."""
+    n_images: Mapped[int] = mapped_column(Integer, default=0)
+    results: Mapped[dict | None] = mapped_column(JSON)
+    """Study result per model: {model name: [probability, label]} (highest frontal image)."""
+    report_stale: Mapped[bool] = mapped_column(Boolean, default=True)
+    """The static report page is older than the study's data (written, then cleared, by ReportWriter)."""
     images: Mapped[list[Image]] = relationship(back_populates="study")
 
 
@@ -53,7 +75,7 @@ class Image(Base):
 
     __tablename__ = "images"
     id: Mapped[int] = mapped_column(primary_key=True)
-    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
     content_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     path: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(8))
@@ -67,6 +89,8 @@ class Image(Base):
     qc_notes: Mapped[str] = mapped_column(Text, default="")
     display_path: Mapped[str] = mapped_column(Text, default="")
     """Plain display image (JPEG), relative to the reports folder."""
+    lungs_path: Mapped[str] = mapped_column(Text, default="")
+    """Lung-outline layer (PNG with alpha) the pages stack over the image, relative to the reports folder."""
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     study: Mapped[Study | None] = relationship(back_populates="images")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="image")
@@ -81,6 +105,8 @@ class Prediction(Base):
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(128))
     probability: Mapped[float] = mapped_column(Float)
+    calibrated: Mapped[float | None] = mapped_column(Float)
+    """P(pneumonia) after the model card's calibration (None: the model has none)."""
     label: Mapped[str] = mapped_column(String(16))
     threshold: Mapped[float] = mapped_column(Float)
     heatmap_path: Mapped[str] = mapped_column(Text, default="")
@@ -94,14 +120,14 @@ class ErrorRecord(Base):
 
     __tablename__ = "errors"
     id: Mapped[int] = mapped_column(primary_key=True)
-    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
     path: Mapped[str] = mapped_column(Text)
-    content_sha256: Mapped[str] = mapped_column(String(64), default="")
+    content_sha256: Mapped[str] = mapped_column(String(64), default="", index=True)
     status: Mapped[str] = mapped_column(String(16))
     stage: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text)
     detail: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
 class DaemonStatus(Base):
@@ -118,6 +144,11 @@ class DaemonStatus(Base):
     files_waiting: Mapped[int] = mapped_column(Integer, default=0)
     studies_pending: Mapped[int] = mapped_column(Integer, default=0)
     last_scored_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    fault: Mapped[str] = mapped_column(Text, default="")
+    """What stops the daemon from working now (disk full, database locked...); empty when healthy."""
+    fault_since: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    oldest_waiting_s: Mapped[float] = mapped_column(Float, default=0.0)
+    """How long the longest-waiting file has been waiting (a backlog shows here)."""
 
 
 class Verdict(Base):
@@ -131,3 +162,52 @@ class Verdict(Base):
     """pneumonia: yes, no or uncertain."""
     note: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class SourceFile(Base):
+    """The last outcome for each input path, with the file's identity: a file seen again with
+    the same identity is known without being read (restarts, reruns, the nightly job)."""
+
+    __tablename__ = "source_files"
+    __table_args__ = (Index("ix_source_files_status_updated", "status", "updated_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    """sha256 of the path (paths can be longer than an index allows)."""
+    path: Mapped[str] = mapped_column(Text)
+    device: Mapped[int] = mapped_column(BigInteger, default=0)
+    inode: Mapped[int] = mapped_column(BigInteger, default=0)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger, default=0)
+    content_sha256: Mapped[str] = mapped_column(String(64), default="", index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    """scored, skipped, failed; ``removed`` once a failed file is gone."""
+    stage: Mapped[str] = mapped_column(String(16), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    moved_to: Mapped[str] = mapped_column(Text, default="")
+    """Where the watcher moved the file (archive or quarantine), if it did."""
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Claim(Base):
+    """A path being read and scored by one process: others leave it alone until the claim is
+    released or expires (the watcher and the nightly job share a folder this way)."""
+
+    __tablename__ = "claims"
+    path_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    owner: Mapped[str] = mapped_column(String(255))
+    claimed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+
+
+class IncompleteFile(Base):
+    """A file the watcher found incomplete, and since when it has not changed: the quarantine
+    timer survives restarts."""
+
+    __tablename__ = "incomplete_files"
+    path_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    unchanged_since: Mapped[dt.datetime] = mapped_column(DateTime)
