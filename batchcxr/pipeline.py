@@ -1,17 +1,24 @@
 """The one module that composes the stages: ingest -> normalize -> infer -> store -> report.
 
-`Scorer.score_tree` streams files in batches, so memory stays flat however
-large the folder is. Each file ends as scored, skipped or failed with its
-reason; no exception from one file stops the run.
+`Scorer.score_paths` streams files in batches, so memory stays flat however large the folder
+is. Before a file is read, its identity (path, device, inode, size, mtime) is looked up: a file
+handled before is not read again. Each file then ends as scored, skipped or failed with its
+reason, or - when that is not the file's fault - deferred (it vanished, changed while being
+read, is still being written, or another process holds its claim). No exception from one file
+stops the run; a fault of a volume or of the database does, and the caller (the watcher)
+retries later.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
+import socket
+import stat
 import time
 import traceback
 from collections import Counter, deque
@@ -20,20 +27,35 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchcxr.domain import FailStage, ImageStatus, PreparedImage, Rejection, SourceFile, FileKind
+from batchcxr.domain import Deferred, FailStage, FileKind, ImageStatus, PreparedImage, Rejection, SourceFile
+from batchcxr.errors import FileChanged, FileTooLarge, FileVanished, NotRegularFile
+from batchcxr.infer.lungs import LungModel, load_lung_model
 from batchcxr.infer.runtime import ScoringModel, load_scoring_model
-from batchcxr.ingest.files import read_source, walk
+from batchcxr.ingest.complete import is_complete
+from batchcxr.ingest.files import FileIdentity, read_regular, walk
 from batchcxr.normalize.contract import finish_batch
+from batchcxr.normalize.lungfield import check_lungs
 from batchcxr.normalize.prepare import prepare
-from batchcxr.report.overlay import IMAGE_SUFFIX, LAYER_SUFFIX, encode_image, encode_layer, heatmap_layer
-from batchcxr.report.render import ReportWriter, atomic_write
+from batchcxr.report.overlay import (
+    IMAGE_SUFFIX,
+    LAYER_SUFFIX,
+    boxed_heatmap,
+    encode_image,
+    encode_layer,
+    heatmap_layer,
+    lung_outline_layer,
+)
+from batchcxr.report.render import TMP_DIR, ReportWriter, atomic_write
 from batchcxr.settings import QualitySettings, Settings
-from batchcxr.store.repo import ScoredImage, Store
+from batchcxr.signals import Stop
+from batchcxr.store.repo import Known, ScoredImage, Store
 
 log = logging.getLogger(__name__)
 
 TASK_FILES = 8
 """Files per decode-worker task."""
+EARLIER = {"scored": "unchanged", "skipped": "skipped earlier", "failed": "failed earlier"}
+"""The outcome reported for a file an earlier run handled, by what that run recorded."""
 
 
 @dataclass(frozen=True)
@@ -42,20 +64,30 @@ class FileOutcome:
 
     sha256: str
     status: str
-    """scored, skipped, failed, or unchanged (handled by an earlier run)."""
+    """scored, skipped, failed; unchanged (scored earlier), skipped earlier, failed earlier;
+    deferred (not handled now: read it again later); vanished."""
     reason: str = ""
     stage: str = ""
     detail: str = ""
+    identity: tuple[int, int, int] | None = None
+    """(inode, size, mtime_ns) when the file was read or looked up: the watcher moves a file
+    only if it is still that file."""
 
 
 @dataclass
 class RunSummary:
     run_id: int
     files: dict[Path, FileOutcome] = field(default_factory=dict)
+    """Each file's outcome (kept only when the caller asks: the watcher does, `score` does not)."""
     scored: int = 0
     unchanged: int = 0
     skipped: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)
+    earlier: Counter = field(default_factory=Counter)
+    """(skipped earlier | failed earlier, reason) -> files."""
+    deferred: Counter = field(default_factory=Counter)
+    vanished: int = 0
+    status: str = "running"
     seconds: float = 0.0
     stages: Counter = field(default_factory=Counter)
     """Seconds per stage: prepare (read + decode + normalize, summed over workers), infer,
@@ -87,7 +119,7 @@ class Prepared:
     """prepare_file's answer: the file, what it became, and the seconds it took."""
 
     source: SourceFile
-    result: PreparedImage | Rejection
+    result: PreparedImage | Rejection | Deferred
     seconds: float
 
 
@@ -99,40 +131,73 @@ def display_file(sha256: str) -> str:
 def write_display(item: PreparedImage, reports_dir: Path) -> PreparedImage:
     """Write the display JPEG and drop the array (a fifth of the bytes back from a worker)."""
     rel = display_file(item.source.sha256)
-    atomic_write(reports_dir / rel, encode_image(item.display))
+    atomic_write(reports_dir / rel, encode_image(item.display), reports_dir / TMP_DIR)
     return dataclasses.replace(item, display=None, display_file=rel)
 
 
 def _read_ahead(path: Path) -> None:
     """Ask the kernel to start reading a file the workers will soon need (Linux; no-op elsewhere),
-    so a cold disk read overlaps the decoding of the files before it."""
+    so a cold disk read overlaps the decoding of the files before it. Regular files only."""
     if not hasattr(os, "posix_fadvise"):
         return
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return  # the worker will record why
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
 
 
-def _init_decode_worker() -> None:
+def _init_decode_worker(parent: int) -> None:
+    """Decode workers die with the process that started them, whatever kills it (Linux
+    PR_SET_PDEATHSIG), ignore SIGTERM and SIGINT (systemd signals the whole control group; the
+    parent decides when its batch is done), and keep OpenCV to one thread."""
+    import signal
+
     import cv2
 
+    from batchcxr.signals import die_with_parent
+
+    die_with_parent(parent)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would only contend
 
 
+def _lstat_source(path: Path) -> SourceFile:
+    try:
+        st = os.lstat(path)
+        return SourceFile(path, FileKind.OTHER, "", st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns)
+    except OSError:
+        return SourceFile(path, FileKind.OTHER, "", 0)
+
+
 def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size: int,
-                 reports_dir: Path) -> Prepared:
+                 reports_dir: Path, incomplete_seconds: float = 0.0) -> Prepared:
     """Read one file, normalize it and write its display JPEG into ``reports_dir`` (runs in a
-    worker process). Never raises for a bad file; a failing report write (disk full) raises."""
+    worker process). Never raises for a bad file; a failing report write (disk full) raises.
+
+    A file that fails the way a file still being written fails (truncated, no end marker, a
+    data set cut short) and was modified less than ``incomplete_seconds`` ago is deferred, not
+    failed: the nightly job may meet files the watcher has not taken yet.
+    """
     start = time.perf_counter()
     try:
-        source, data = read_source(path)
+        source, data, ident = read_regular(path, quality.max_file_bytes)
+    except FileVanished as exc:
+        return Prepared(_lstat_source(path), Deferred(_lstat_source(path), exc.reason, vanished=True),
+                        time.perf_counter() - start)
+    except FileChanged as exc:
+        return Prepared(_lstat_source(path), Deferred(_lstat_source(path), exc.reason), time.perf_counter() - start)
+    except (NotRegularFile, FileTooLarge) as exc:
+        source = _lstat_source(path)
+        status = ImageStatus.SKIPPED if isinstance(exc, NotRegularFile) else ImageStatus.FAILED
+        return Prepared(source, Rejection(source, status, FailStage.READ, exc.reason), time.perf_counter() - start)
     except OSError as exc:
-        source = SourceFile(path, FileKind.OTHER, "", 0)
+        source = _lstat_source(path)
         reason = f"unreadable: {exc.strerror or exc}"
         return Prepared(source, Rejection(source, ImageStatus.FAILED, FailStage.READ, reason),
                         time.perf_counter() - start)
@@ -142,16 +207,20 @@ def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size:
         log.exception("%s: unexpected error while preparing", path)
         result = Rejection(source, ImageStatus.FAILED, FailStage.DECODE,
                            f"unexpected {type(exc).__name__}: {exc}", detail=_digest(exc))
+    if (isinstance(result, Rejection) and result.status == ImageStatus.FAILED and incomplete_seconds > 0
+            and time.time() - ident.mtime_ns / 1e9 < incomplete_seconds and not is_complete(data, quality)):
+        age = time.time() - ident.mtime_ns / 1e9
+        result = Deferred(source, f"incomplete and modified {age:.0f} s ago (still being written?): {result.reason}")
     if isinstance(result, PreparedImage):
         result = write_display(result, reports_dir)  # not the file's fault if this fails: the run stops
     return Prepared(source, result, time.perf_counter() - start)
 
 
 def prepare_files(paths: list[Path], root: Path, quality: QualitySettings, display_size: int,
-                  reports_dir: Path) -> list[Prepared]:
+                  reports_dir: Path, incomplete_seconds: float = 0.0) -> list[Prepared]:
     """``prepare_file`` for a few files: one worker task, so the pool's per-task cost (pickling,
     futures, ~0.2 ms of the main process's CPU) is paid once per TASK_FILES files."""
-    return [prepare_file(path, root, quality, display_size, reports_dir) for path in paths]
+    return [prepare_file(path, root, quality, display_size, reports_dir, incomplete_seconds) for path in paths]
 
 
 def model_threads(settings: Settings, n_models: int) -> int:
@@ -165,13 +234,22 @@ def model_threads(settings: Settings, n_models: int) -> int:
 class Scorer:
     """Holds the loaded models and settings; scores folder trees into the Store."""
 
-    def __init__(self, settings: Settings, store: Store, models: list[ScoringModel]) -> None:
+    def __init__(self, settings: Settings, store: Store, models: list[ScoringModel],
+                 lungs: LungModel | None = None) -> None:
         if not models:
             raise ValueError("at least one model is needed")
         self.settings = settings
         self.store = store
         self.models = models
+        self.lungs = lungs if lungs is not None else load_lung_model(settings.lung_model)
+        """The lung segmenter: quality gate, the classifiers' lung contracts, report outlines."""
+        for m in models:
+            if m.lungs != "none" and m.lung_version and m.lung_version != self.lungs.version:
+                raise ValueError(f"{m.name} was trained with lung segmenter {m.lung_version}, but "
+                                 f"{settings.lung_model} is {self.lungs.version}")
         self.reports = ReportWriter(settings.reports_dir, settings.quality.lateral_views)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        """Who holds this process's claims (host:pid)."""
         self._writer: ThreadPoolExecutor | None = None
         """Per run: the thread that writes a batch's images and rows while the next batch is scored."""
         self._writing = None
@@ -181,30 +259,44 @@ class Scorer:
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> Scorer:
         threads = model_threads(settings, len(settings.models))
-        return cls(settings, store, [load_scoring_model(p, threads) for p in settings.models])
+        return cls(settings, store, [load_scoring_model(p, threads) for p in settings.models],
+                   load_lung_model(settings.lung_model, 1))
 
     @property
     def versions(self) -> list[str]:
         return [m.version for m in self.models]
 
     # stage helpers ---------------------------------------------------------
-    def _prepared_stream(self, root: Path, paths: list[Path]) -> Iterator[Prepared]:
-        """prepare_file over paths, in order; in worker processes when configured and worth it."""
-        args = (root, self.settings.quality, self.settings.display_size, self.settings.reports_dir)
-        workers = self.settings.decode_workers
-        if workers < 1 or len(paths) < 2 * self.settings.batch_size:
-            for path in paths:
+    def _prepared_stream(self, root: Path, paths: Iterator[Path], incomplete_seconds: float) -> Iterator[Prepared]:
+        """prepare_file over paths, in order; in worker processes when configured and worth it
+        (at least twice a batch to read)."""
+        args = (root, self.settings.quality, self.settings.display_size, self.settings.reports_dir,
+                incomplete_seconds)
+        size = self.settings.batch_size
+        first = list(itertools.islice(paths, 2 * size))
+        if self.settings.decode_workers < 1 or len(first) < 2 * size:
+            for path in itertools.chain(first, paths):
                 yield prepare_file(path, *args)
             return
-        head = self.settings.batch_size  # prepared here while the worker processes start (~0.7 s)
-        tasks = (paths[i : i + TASK_FILES] for i in range(head, len(paths), TASK_FILES))
+        head = first[:size]  # prepared here while the worker processes start (~0.7 s)
+        paths = itertools.chain(first[size:], paths)
+
+        def tasks() -> Iterator[list[Path]]:
+            while True:
+                task = [p for _, p in zip(range(TASK_FILES), paths)]
+                if not task:
+                    return
+                yield task
+
+        task_iter = tasks()
         window = max(1, 4 * self.settings.batch_size // TASK_FILES)  # bounded look-ahead: memory stays flat
-        ctx = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_decode_worker) as pool:
+        ctx = multiprocessing.get_context("spawn")  # workers are our children: they die with us
+        with ProcessPoolExecutor(max_workers=self.settings.decode_workers, mp_context=ctx,
+                                 initializer=_init_decode_worker, initargs=(os.getpid(),)) as pool:
             pending: deque = deque()
 
             def submit_next() -> None:
-                task = next(tasks, None)
+                task = next(task_iter, None)
                 if task is not None:
                     for path in task:
                         _read_ahead(path)
@@ -212,143 +304,296 @@ class Scorer:
 
             for _ in range(window):
                 submit_next()
-            for path in paths[:head]:
+            for path in head:
                 yield prepare_file(path, *args)
             while pending:
                 done = pending.popleft().result()
                 submit_next()
                 yield from done
 
-    def _write_images(self, item: PreparedImage, outputs) -> tuple[str, dict[str, str]]:
-        """One Grad-CAM layer per model (prepare_file wrote the display JPEG)."""
+    def _write_images(self, item: PreparedImage, outputs, lungs) -> tuple[str, dict[str, str], str]:
+        """One Grad-CAM layer per model and the lung outline (prepare_file wrote the display JPEG)."""
         out = self.settings.reports_dir
+        tmp = self.reports.tmp
         shape = (item.image.rows, item.image.columns) if item.image.rows and item.image.columns else (1, 1)
         overlays = {}
         for o in outputs:
             rel = f"images/{item.source.sha256[:24]}-{o.model_name}{LAYER_SUFFIX}"
-            atomic_write(out / rel, encode_layer(heatmap_layer(o.heatmap, shape, self.settings.overlay_alpha)))
+            layer = heatmap_layer(boxed_heatmap(o.heatmap, o.box), shape, self.settings.overlay_alpha)
+            atomic_write(out / rel, encode_layer(layer), tmp)
             overlays[o.model_name] = rel
-        return item.display_file, overlays
+        boxes = {o.box for o in outputs if o.box != (0.0, 0.0, 1.0, 1.0)}
+        rel = f"images/{item.source.sha256[:24]}-lungs{LAYER_SUFFIX}"
+        atomic_write(out / rel, encode_layer(lung_outline_layer(lungs, shape, next(iter(boxes), None))), tmp)
+        return item.display_file, overlays, rel
 
-    def _score_batch(self, run_id: int, batch: list[PreparedImage], summary: RunSummary, changed: set[str]) -> None:
-        """Run the models on one batch, then hand its images and rows to the writer thread, so
-        the next batch's inference overlaps this batch's images and database rows."""
+    def _gate(self, run_id: int, batch: list[PreparedImage], probs, summary: RunSummary):
+        """The lung-field quality gate: images that are not frontal chest radiographs are skipped
+        with the reason; returns the batch, maps and masks of the rest."""
+        checks = [check_lungs(p) for p in probs]
+        if not self.settings.quality.require_chest:
+            return batch, probs, [m for m, _ in checks]
+        keep, rejected = [], []
+        for k, (item, (_, check)) in enumerate(zip(batch, checks)):
+            reason = check.reason()
+            if reason:
+                rejected.append(Rejection(item.source, ImageStatus.SKIPPED, FailStage.QUALITY,
+                                          f"not a frontal chest radiograph: {reason}", item.study, item.image))
+            else:
+                keep.append(k)
+        if rejected:
+            self._record_rejections(run_id, rejected, summary)
+        return [batch[k] for k in keep], probs[keep] if keep else probs[:0], [checks[k][0] for k in keep]
+
+    def _score_batch(self, run_id: int, batch: list[PreparedImage], summary: RunSummary) -> None:
+        """Segment the lungs, gate, run the models on one batch, then hand its images and rows to
+        the writer thread, so the next batch's inference overlaps this batch's images and rows."""
         import numpy as np
 
         try:
             t0 = time.perf_counter()
             x = np.stack([p.model_input for p in batch])
-            finished = {eq: finish_batch(x, eq) for eq in {m.equalize for m in self.models}}
-            outs = self._infer.map(lambda m: m.run_finished(finished[m.equalize]), self.models)
+            probs = self.lungs.probabilities(x)
+            batch, probs, masks = self._gate(run_id, batch, probs, summary)
+            if not batch:
+                summary.stages["infer"] += time.perf_counter() - t0
+                return
+            x = np.stack([p.model_input for p in batch])
+            inputs = {}
+            for mode in {m.lungs for m in self.models}:
+                xm, boxes, _ = self.lungs.transform(x, mode, probs) if mode != "none" else (x, None, None)
+                for eq in {m.equalize for m in self.models if m.lungs == mode}:
+                    inputs[mode, eq] = (finish_batch(xm, eq), boxes)
+            outs = self._infer.map(lambda m: m.run_finished(*inputs[m.lungs, m.equalize]), self.models)
             per_image = list(zip(*outs))
             summary.stages["infer"] += time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001
             log.exception("inference failed for a batch of %d", len(batch))
             rejections = [Rejection(p.source, ImageStatus.FAILED, FailStage.INFER, f"inference failed: {exc}",
                                     p.study, p.image, _digest(exc)) for p in batch]
-            self._record_rejections(run_id, rejections, summary, changed)
+            self._record_rejections(run_id, rejections, summary)
             return
         self._wait_for_writer()  # at most one batch waits to be written: memory stays flat
-        self._writing = self._writer.submit(self._write_batch, run_id, batch, per_image, summary, changed)
+        self._writing = self._writer.submit(self._write_batch, run_id, batch, per_image, masks, summary)
 
     def _wait_for_writer(self) -> None:
         if self._writing is not None:
-            self._writing.result()  # re-raises a writer error here
-            self._writing = None
+            writing, self._writing = self._writing, None
+            writing.result()  # re-raises a writer error here
 
-    def _write_batch(self, run_id: int, batch: list[PreparedImage], per_image, summary: RunSummary,
-                     changed: set[str]) -> None:
+    def _write_batch(self, run_id: int, batch: list[PreparedImage], per_image, masks, summary: RunSummary) -> None:
         """Overlays and JPEGs first, then the rows: the database never names a missing file."""
         scored = []
         t0 = time.perf_counter()
-        for item, outputs in zip(batch, per_image):
-            display, overlays = self._write_images(item, outputs)
-            scored.append(ScoredImage(item, list(outputs), display, overlays))
+        for item, outputs, lungs in zip(batch, per_image, masks):
+            display, overlays, outline = self._write_images(item, outputs, lungs)
+            scored.append(ScoredImage(item, list(outputs), display, overlays, outline))
         t1 = time.perf_counter()
-        self.store.record_scored(run_id, scored)
+        refused = self.store.record_scored(run_id, scored)
         summary.stages["images"] += t1 - t0
         summary.stages["store"] += time.perf_counter() - t1
-        summary.scored += len(scored)
+        refused_paths = {r.item.prepared.source.path for r in refused}
         for item in batch:
-            changed.add(item.study.study_key)
-            summary.files[item.source.path] = FileOutcome(item.source.sha256, ImageStatus.SCORED.value)
+            if item.source.path not in refused_paths:
+                summary.scored += 1
+                self._note(summary, item.source.path, FileOutcome(item.source.sha256, ImageStatus.SCORED.value),
+                           item.source)
+        if refused:
+            self._record_rejections(run_id, [
+                Rejection(r.item.prepared.source, ImageStatus.FAILED, FailStage.STORE, r.reason, r.item.prepared.study,
+                          r.item.prepared.image) for r in refused], summary)
 
-    def _record_rejections(self, run_id: int, rejections: list[Rejection], summary: RunSummary, changed: set[str]) -> None:
+    def _record_rejections(self, run_id: int, rejections: list[Rejection], summary: RunSummary) -> None:
         t0 = time.perf_counter()
-        self.store.record_rejections(run_id, rejections)
+        refused = {r.item.source.path: r.reason for r in self.store.record_rejections(run_id, rejections)}
         summary.stages["store"] += time.perf_counter() - t0
         for r in rejections:
-            summary.files[r.source.path] = FileOutcome(r.source.sha256, r.status.value, r.reason, r.stage.value, r.detail)
-            (summary.failed if r.status == ImageStatus.FAILED else summary.skipped)[r.reason] += 1
-            log.info("%s: %s (%s)", r.source.path, r.status.value, r.reason)
-            if r.study is not None:
-                changed.add(r.study.study_key)
+            reason = r.reason + (f" ({refused[r.source.path]})" if r.source.path in refused else "")
+            failed = r.status == ImageStatus.FAILED or r.source.path in refused
+            self._note(summary, r.source.path, FileOutcome(r.source.sha256, "failed" if failed else r.status.value,
+                                                           reason, r.stage.value, r.detail), r.source)
+            (summary.failed if failed else summary.skipped)[reason] += 1
+            log.debug("%s: %s (%s)", r.source.path, r.status.value, reason)
+
+    def _note(self, summary: RunSummary, path: Path, outcome: FileOutcome, source: SourceFile | None = None) -> None:
+        if self._keep_files:
+            if source is not None and source.inode:
+                outcome = dataclasses.replace(outcome, identity=(source.inode, source.size, source.mtime_ns))
+            summary.files[path] = outcome
+
+    def _admit(self, paths: Iterable[Path], summary: RunSummary, rejections: list[Rejection],
+               claimed: list[str], *, rescore: bool, retry_failed: bool) -> Iterator[Path]:
+        """The paths that must be read, in order: files handled before with the same identity are
+        reported from their records (never read), non-regular files are skipped with their
+        reason, paths another process has claimed are deferred; the rest are claimed."""
+        from batchcxr.ingest.files import file_type
+
+        batch: list[Path] = []
+
+        def flush() -> Iterator[Path]:
+            found: list[tuple[Path, FileIdentity, int]] = []
+            for path in batch:
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    summary.vanished += 1
+                    self._note(summary, path, FileOutcome("", "vanished", "file no longer there"))
+                    continue
+                except OSError as exc:
+                    rejections.append(Rejection(SourceFile(path, FileKind.OTHER, "", 0), ImageStatus.FAILED,
+                                                FailStage.READ, f"unreadable: {exc.strerror or exc}"))
+                    continue
+                found.append((path, FileIdentity.of(st), st.st_mode))
+            known = {} if rescore else self.store.known_paths([(str(p), i) for p, i, _ in found])
+            done = self.store.already_done([k.sha256 for k in known.values() if k.status == "scored" and k.sha256],
+                                           self.versions) if known else {}
+            to_claim: list[Path] = []
+            for path, ident, mode in found:
+                k = known.get(str(path))
+                if k is not None and not (k.status == "failed" and retry_failed) and (
+                        k.status != "scored" or k.sha256 in done):
+                    src = SourceFile(path, FileKind.OTHER, k.sha256, ident.size, ident.device, ident.inode, ident.mtime_ns)
+                    self._earlier(summary, src, Known(k.status, k.reason, k.stage))
+                elif not stat.S_ISREG(mode):
+                    src = SourceFile(path, FileKind.OTHER, "", ident.size, ident.device, ident.inode, ident.mtime_ns)
+                    rejections.append(Rejection(src, ImageStatus.SKIPPED, FailStage.READ,
+                                                f"{file_type(mode)}: not read (only regular files are)"))
+                else:
+                    to_claim.append(path)
+            held = self.store.claim([str(p) for p in to_claim], self.owner)
+            others = self.store.claim_owners([str(p) for p in to_claim if str(p) not in held])
+            for path in to_claim:
+                if str(path) in held:
+                    claimed.append(str(path))
+                    yield path
+                else:
+                    reason = f"being handled by {others.get(str(path), 'another process')}"
+                    summary.deferred[reason] += 1
+                    self._note(summary, path, FileOutcome("", "deferred", reason))
+            batch.clear()
+
+        for path in paths:
+            batch.append(path)
+            if len(batch) >= self.settings.batch_size:
+                yield from flush()
+        yield from flush()
+
+    def _earlier(self, summary: RunSummary, source: SourceFile, known: Known) -> None:
+        status = EARLIER.get(known.status, "unchanged")
+        if status == "unchanged":
+            summary.unchanged += 1
+        else:
+            summary.earlier[status, known.reason] += 1
+        self._note(summary, source.path, FileOutcome(source.sha256, status, known.reason, known.stage, known.detail),
+                   source)
 
     # the run ------------------------------------------------------------------
-    def score_paths(self, root: Path, paths: Iterable[Path], *, rescore: bool = False, command: str = "score",
-                    progress: Callable[[int], None] | None = None) -> RunSummary:
-        """Score the given files (found under root) as one run."""
+    def score_paths(self, root: Path, paths: Iterable[Path], *, rescore: bool = False, retry_failed: bool = False,
+                    command: str = "score", progress: Callable[[int], None] | None = None,
+                    stop: Stop | None = None, keep_files: bool = True,
+                    incomplete_seconds: float | None = None) -> RunSummary:
+        """Score the given files (found under root) as one run.
+
+        ``stop`` (set by a signal handler) ends the run after the batch in hand: the run row says
+        ``interrupted`` and the files not reached are left for the next run. ``incomplete_seconds``
+        defaults to the watcher's ``incomplete_timeout_seconds`` (see prepare_file).
+        """
         start = time.monotonic()
-        run_id = self.store.start_run(command, str(root), self.versions)
+        paths = list(paths)
+        self._keep_files = keep_files
+        run_id = self.store.start_run(command, str(root), self.versions, host=socket.gethostname(), pid=os.getpid())
         summary = RunSummary(run_id)
-        changed: set[str] = set()
         seen: set[str] = set()
         pending: list[PreparedImage] = []
         chunk: list[tuple[SourceFile, PreparedImage | Rejection]] = []
-        paths = list(paths)
+        early: list[Rejection] = []
+        claimed: list[str] = []
         batch_size = self.settings.batch_size
+        wait = self.settings.watch.incomplete_timeout_seconds if incomplete_seconds is None else incomplete_seconds
 
         def flush_chunk() -> None:
-            done = set() if rescore else self.store.already_done(
-                [s.sha256 for s, _ in chunk if s.sha256], self.versions)
-            rejections = []
+            done = {} if rescore else self.store.already_done(
+                [s.sha256 for s, r in chunk if s.sha256 and not isinstance(r, Rejection)], self.versions)
+            rejections = early[:]
+            early.clear()
             for source, result in chunk:
-                if source.sha256 and (source.sha256 in done or source.sha256 in seen):
+                if source.sha256 and source.sha256 in done and not (retry_failed and done[source.sha256].status ==
+                                                                    "failed"):
+                    self._earlier(summary, source, done[source.sha256])
+                    continue
+                if source.sha256 and source.sha256 in seen:
                     summary.unchanged += 1
-                    summary.files[source.path] = FileOutcome(source.sha256, "unchanged")
+                    self._note(summary, source.path, FileOutcome(source.sha256, "unchanged"), source)
                     continue
                 if source.sha256:
                     seen.add(source.sha256)
                 (rejections if isinstance(result, Rejection) else pending).append(result)
             if rejections:
-                self._record_rejections(run_id, rejections, summary, changed)
+                self._record_rejections(run_id, rejections, summary)
             chunk.clear()
 
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchcxr-writer")
         self._infer = ThreadPoolExecutor(max_workers=len(self.models), thread_name_prefix="batchcxr-infer")
         self._writing = None
+        admitted = self._admit(paths, summary, early, claimed, rescore=rescore, retry_failed=retry_failed)
         try:
-            for prepared in self._prepared_stream(root, paths):
+            for prepared in self._prepared_stream(root, admitted, wait):
                 summary.stages["prepare"] += prepared.seconds
-                chunk.append((prepared.source, prepared.result))
+                if isinstance(prepared.result, Deferred):
+                    self._defer(summary, prepared.result)
+                else:
+                    chunk.append((prepared.source, prepared.result))
                 if progress:
                     progress(1)
-                if len(chunk) >= batch_size:
+                if len(chunk) >= batch_size or len(early) >= batch_size:
                     flush_chunk()
                 while len(pending) >= batch_size:
-                    self._score_batch(run_id, pending[:batch_size], summary, changed)
+                    self._score_batch(run_id, pending[:batch_size], summary)
                     del pending[:batch_size]
-            flush_chunk()
-            if pending:
-                self._score_batch(run_id, pending, summary, changed)
+                if stop is not None and stop.requested:
+                    break
+            else:
+                flush_chunk()
+                if pending:
+                    self._score_batch(run_id, pending, summary)
             self._wait_for_writer()
-            status = "finished"
+            summary.status = "interrupted" if stop is not None and stop.requested else "finished"
         except BaseException:
-            status = "interrupted"
+            summary.status = "interrupted"
             raise
         finally:
             self._writer.shutdown(wait=True)
             self._infer.shutdown(wait=True)
             summary.seconds = time.monotonic() - start
-            self.store.finish_run(run_id, scored=summary.scored, skipped=sum(summary.skipped.values()),
-                                  failed=sum(summary.failed.values()), unchanged=summary.unchanged,
-                                  seconds=summary.seconds, status=status)
+            self._finish(run_id, summary, claimed)
         t0 = time.perf_counter()
-        summary.index_path = self.reports.write_all(self.store, changed, run_id)
+        summary.index_path = self.reports.write_pending(self.store, run_id)
         summary.stages["report"] += time.perf_counter() - t0
         summary.seconds = time.monotonic() - start  # the run row holds the time before reports
         return summary
 
+    def _defer(self, summary: RunSummary, d: Deferred) -> None:
+        if d.vanished:
+            summary.vanished += 1
+            self._note(summary, d.source.path, FileOutcome("", "vanished", d.reason))
+        else:
+            summary.deferred[d.reason.split(":")[0]] += 1
+            self._note(summary, d.source.path, FileOutcome(d.source.sha256, "deferred", d.reason), d.source)
+        log.debug("%s: %s", d.source.path, d.reason)
+
+    def _finish(self, run_id: int, summary: RunSummary, claimed: list[str]) -> None:
+        """Release this run's claims and close its run row; best effort when the database is the
+        fault (the next start marks a run left ``running`` as ``interrupted``)."""
+        try:
+            self.store.release(claimed, self.owner)
+            self.store.finish_run(run_id, scored=summary.scored, skipped=sum(summary.skipped.values()),
+                                  failed=sum(summary.failed.values()), unchanged=summary.unchanged,
+                                  seconds=summary.seconds, status=summary.status)
+        except Exception:  # noqa: BLE001 - do not hide the error that stopped the run
+            log.warning("run #%d: could not record its end (database unavailable?)", run_id)
+            if summary.status == "finished":
+                raise
+
     def score_tree(self, root: Path, **kwargs) -> RunSummary:
-        paths = list(walk(root))
+        paths = list(walk(root, self.settings.ignore))
         return self.score_paths(root, paths, **kwargs)

@@ -17,7 +17,7 @@ import numpy as np
 from batchcxr.domain import ModelOutput
 from batchcxr.infer.gradcam import normalize_cams
 from batchcxr.modelcard import read_card, sha256_file
-from batchcxr.normalize.contract import equalize_of, finish_batch
+from batchcxr.normalize.contract import equalize_of, finish_batch, lungs_of
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +35,52 @@ class ScoringModel:
     """onnxruntime.InferenceSession of scoring.onnx."""
     equalize: bool = False
     """The card's preprocessing step (normalize.contract.finish_batch)."""
+    lungs: str = "none"
+    """The card's lung-field contract (normalize.lungfield.apply_lungs), applied by the caller."""
+    lung_version: str = ""
+    """The lung segmenter version the model was trained with (its card's lung_model)."""
+    calibration: tuple[float, float] | None = None
+    """(a, b) of the card's Platt calibration: sigmoid(a * logit(p) + b)."""
 
-    def run(self, batch: np.ndarray) -> list[ModelOutput]:
-        """Probabilities and [0, 1] Grad-CAM maps for a (N, 224, 224, 1) batch of 0..255 values."""
-        return self.run_finished(finish_batch(batch, self.equalize))
+    def run(self, batch: np.ndarray, boxes=None) -> list[ModelOutput]:
+        """Probabilities and [0, 1] Grad-CAM maps for a (N, 224, 224, 1) batch of 0..255 values
+        (already under the card's lung contract, with the ``boxes`` it cropped to, if any)."""
+        return self.run_finished(finish_batch(batch, self.equalize), boxes)
 
-    def run_finished(self, x: np.ndarray) -> list[ModelOutput]:
+    def run_finished(self, x: np.ndarray, boxes=None) -> list[ModelOutput]:
         """As ``run``, for a batch that has been through ``finish_batch(batch, self.equalize)``
-        already (models with the same contract share that work)."""
+        already (models with the same contract share that work); ``boxes`` are the lung boxes
+        (normalize.lungfield.LungBox) the inputs cover, when the contract crops."""
         outputs: list[ModelOutput] = []
         for start in range(0, len(x), RUN_CHUNK):
             chunk = np.ascontiguousarray(x[start : start + RUN_CHUNK], dtype=np.float32)
             probability, cam = self.session.run(["probability", "cam"], {"image": chunk})
-            outputs += [ModelOutput(self.name, self.version, float(p), self.threshold, m)
-                        for p, m in zip(probability, normalize_cams(cam))]
+            for k, (p, m) in enumerate(zip(probability, normalize_cams(cam))):
+                box = boxes[start + k] if boxes is not None else None
+                outputs.append(ModelOutput(
+                    self.name, self.version, float(p), self.threshold, m, self.calibrate(float(p)),
+                    (box.top, box.left, box.bottom, box.right) if box is not None else (0.0, 0.0, 1.0, 1.0)))
         return outputs
+
+    def calibrate(self, p: float) -> float | None:
+        if self.calibration is None:
+            return None
+        from batchcxr.evaluation.calibration import apply
+
+        a, b = self.calibration
+        return float(apply(p, a, b))
+
+
+def ort_session(path: Path, threads: int):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (0: ORT's choice) that do
+    not spin when idle: spinning threads would take the CPU the decode workers and the writer need."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def load_scoring_model(model_dir: Path, threads: int = 0) -> ScoringModel:
@@ -62,8 +93,6 @@ def load_scoring_model(model_dir: Path, threads: int = 0) -> ScoringModel:
     ValueError
         If the file's sha256 differs from the card's.
     """
-    import onnxruntime as ort
-
     model_dir = Path(model_dir)
     card = read_card(model_dir)
     scoring = card.get("scoring")
@@ -74,12 +103,9 @@ def load_scoring_model(model_dir: Path, threads: int = 0) -> ScoringModel:
         raise FileNotFoundError(f"{path}: scoring graph not found; run batchcxr export-model")
     if sha256_file(path) != scoring["sha256"]:
         raise ValueError(f"{path}: sha256 differs from {model_dir / 'card.json'}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    # Idle ORT threads would spin, taking the CPU the decode workers and the writer need.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    log.info("loaded %s (%s) for scoring", card["name"], card["version"])
+    session = ort_session(path, threads)
+    log.debug("loaded %s (%s) for scoring", card["name"], card["version"])
+    cal = card.get("calibration")
     return ScoringModel(card["name"], card["version"], float(card["threshold"]["value"]), session,
-                        equalize_of(card))
+                        equalize_of(card), lungs_of(card), (card.get("lung_model") or {}).get("version", ""),
+                        (float(cal["a"]), float(cal["b"])) if cal else None)
