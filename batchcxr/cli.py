@@ -7,9 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-import click
+from batchcxr.signals import EARLY
 
-from batchcxr.paths import PROJECT_ROOT
+EARLY.install()  # before click and everything slow: a SIGTERM during start-up is a warm stop too
+
+import click  # noqa: E402
+
+from batchcxr.paths import PROJECT_ROOT  # noqa: E402
 
 DEFAULT_TFLITE = PROJECT_ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_quant.tflite"
 MODEL_DEFAULTS = {
@@ -25,23 +29,34 @@ db_option = click.option("--db", "db_url", default=None,
 
 
 def _setup_logging(verbose: bool) -> None:
+    """Quiet by default: batchcxr's own INFO lines, only warnings from libraries (alembic, ONNX
+    Runtime, watchdog...); ``-v``: batchcxr's DEBUG lines and libraries' INFO lines."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("batchcxr").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+LONG_RUNNING = {"watch", "score", "listen", "pull", "send"}
+"""Commands that keep the warm-stop handlers (finish the batch in hand on SIGTERM/SIGINT)."""
 
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Bulk pneumonia scoring of chest X-rays. Not for diagnostic use."""
     _setup_logging(verbose)
+    if ctx.invoked_subcommand not in LONG_RUNNING:
+        EARLY.restore_defaults()
 
 
 @main.command()
-@click.option("--model", "model_name", type=click.Choice(["cnn", "mobilenetv2"]), required=True)
+@click.option("--model", "model_name", type=click.Choice(["cnn", "mobilenetv2", "lungs"]), required=True,
+              help="A classifier, or the lung-field segmenter (--data: the lung_masks_cxr256 folder).")
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Kaggle layout root holding train/{NORMAL,PNEUMONIA}, or that train folder itself.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -74,19 +89,32 @@ def main(verbose: bool) -> None:
               help="Validation patients: shuffled, or the lowest-numbered of each name series (a temporal hold-out).")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True,
               help="Binary cross-entropy label smoothing (against over-confident scores).")
+@click.option("--lungs", "lung_contract", type=click.Choice(["none", "crop", "mask", "crop+mask"]), default="none",
+              show_default=True, help="Lung-field contract of the input (needs the lung segmenter, --lung-model).")
+@click.option("--lung-model", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Lung segmenter folder [default: models/lungs].")
 @click.option("--imagenet-tflite", "tflite_path", type=click.Path(path_type=Path), default=DEFAULT_TFLITE,
               show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
           flip: bool, rotation: float, translation: float, contrast: float, brightness: float,
           corners: float, aspect: float, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
-          limit_per_class: int | None, split_rule: str, label_smoothing: float, tflite_path: Path) -> None:
+          limit_per_class: int | None, split_rule: str, label_smoothing: float, lung_contract: str,
+          lung_model: Path | None, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
+    if model_name == "lungs":
+        from batchcxr.training.lungs import LungTrainConfig, train_lungs
+
+        card = train_lungs(LungTrainConfig(data_dir=data_dir, out_dir=out_dir, seed=seed,
+                                           **({"epochs": epochs} if epochs is not None else {})))
+        d = card["held_out_dice"]
+        click.echo(f"saved {out_dir} in {card['training_seconds']:.0f} s; held-out Dice mean {d['mean']:.4f}, "
+                   f"median {d['median']:.4f}, min {d['min']:.4f} ({d['n']} pairs)")
+        return
     from batchcxr.training.architectures import AugmentConfig
     from batchcxr.training.train import TrainConfig, train as run_train
 
-    if (data_dir / "train").is_dir():
-        data_dir = data_dir / "train"
+    data_dir = _train_folder(data_dir)
     default_epochs, default_lr = MODEL_DEFAULTS[model_name]
     cfg = TrainConfig(
         model=model_name,  # type: ignore[arg-type]
@@ -109,6 +137,8 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         equalize=equalize,
         split=split_rule,  # type: ignore[arg-type]
         label_smoothing=label_smoothing,
+        lungs=lung_contract,
+        lung_model=lung_model,
     )
     result = run_train(cfg)
     click.echo(
@@ -142,8 +172,7 @@ def threshold(model_dir: Path, data_dir: Path, rule: str) -> None:
     """Re-choose a model's threshold on its validation split; clears its test metrics."""
     from batchcxr.training.threshold import rethreshold
 
-    if (data_dir / "train").is_dir():
-        data_dir = data_dir / "train"
+    data_dir = _train_folder(data_dir)
     card = rethreshold(model_dir, data_dir, rule)
     v = card["validation_metrics"]
     click.echo(f"{card['name']}: threshold {card['threshold']['value']:.4f} ({rule}); "
@@ -154,54 +183,84 @@ def threshold(model_dir: Path, data_dir: Path, rule: str) -> None:
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Model folder (weights + card.json), e.g. models/mobilenetv2.")
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Labelled folder with NORMAL/ and PNEUMONIA/, e.g. .../chest_xray_224/test.")
+              help="Labelled folder with NORMAL/ and PNEUMONIA/, e.g. .../chest_xray_224/test "
+                   "(with --validation: the training data, e.g. .../chest_xray_224).")
+@click.option("--validation", is_flag=True, help="Evaluate on the card's own validation split of the train folder "
+                                                 "(what choices between models are made on).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where metrics.json, roc.png and confusion_matrix.png go [default: out/evaluate/NAME].")
+              help="Where metrics.json, roc.png, confusion_matrix.png and reliability.png go "
+                   "[default: out/evaluate/NAME].")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--update-card", is_flag=True, help="Write these metrics into the model card as its test metrics.")
+@click.option("--update-card", is_flag=True, help="Write these metrics into the model card (test metrics, or "
+                                                  "validation_evaluation with --validation).")
 @click.option("--against-reviews", is_flag=True,
               help="Instead: each model's study results against the radiologists' latest verdicts in --db.")
 @config_option
 @db_option
-def evaluate(model_dir: Path | None, data_dir: Path | None, out_dir: Path | None, batch_size: int,
+def evaluate(model_dir: Path | None, data_dir: Path | None, validation: bool, out_dir: Path | None, batch_size: int,
              update_card: bool, against_reviews: bool, config: Path | None, db_url: str | None) -> None:
-    """Accuracy, per-class precision/recall, ROC AUC and confusion matrix at the card's threshold.
+    """Accuracy, per-class precision/recall, ROC AUC, confusion matrix at the card's threshold;
+    calibration (ECE, Brier, reliability plot), Grad-CAM mass inside the lung fields and where
+    the peaks fall, and the quality gate's refusals. Runs the ONNX scoring graph, as scoring does.
 
     With --against-reviews: accuracy, sensitivity and specificity of each model against the
     reviewers' verdicts (uncertain verdicts are left out).
     """
     from batchcxr.evaluation import evaluate as ev
-    from batchcxr.infer.models import load_model
 
     if against_reviews:
         from batchcxr.evaluation.reviews import against_reviews as compare, format_review_metrics
-        from batchcxr.store.repo import Store
 
         settings = _settings(config, db_url=db_url)
-        store = Store.open(settings.sqlalchemy_url)
+        store = _open_store(settings)
         click.echo(format_review_metrics(compare(store, settings.quality.lateral_views)))
         store.close()
         return
     if model_dir is None or data_dir is None:
         raise click.UsageError("--model and --data are required (or use --against-reviews)")
-
-    model = load_model(model_dir)
-    metrics, y, scores = ev.evaluate(model, data_dir, batch_size)
-    out_dir = out_dir or Path("out") / "evaluate" / model.name
+    if validation:
+        data_dir = _train_folder(data_dir)
+    metrics, y, scores = ev.evaluate(model_dir, data_dir, batch_size, validation=validation)
+    out_dir = out_dir or Path("out") / "evaluate" / model_dir.name
     click.echo(ev.format_metrics(metrics))
     json_path = ev.write_results(metrics, out_dir)
-    pngs = ev.save_plots(y, scores, model.threshold, model.name, out_dir)
+    pngs = ev.save_plots(y, scores, float(metrics["threshold"]), model_dir.name, out_dir)
     click.echo(f"wrote {json_path}, " + ", ".join(str(p) for p in pngs))
     if update_card:
-        command = f"batchcxr evaluate --model models/{model.name} --data <shared>/data/chest_xray_224/{data_dir.name}"
-        ev.update_card(model, metrics, command)
+        where = "chest_xray_224 --validation" if validation else f"chest_xray_224/{data_dir.name}"
+        command = f"batchcxr evaluate --model models/{model_dir.name} --data <shared>/data/{where}"
+        ev.update_card(model_dir, metrics, command, "validation_evaluation" if validation else "test_metrics")
         click.echo(f"updated {model_dir / 'card.json'} and card.md")
 
 
-EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 3
-"""`batchcxr score` exit codes: 0 finished (every file scored, skipped or unchanged);
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The training data (Kaggle root or its train folder): the card's validation split is used.")
+@click.option("--method", type=click.Choice(["platt", "temperature"]), default="platt", show_default=True)
+def calibrate(model_dir: Path, data_dir: Path, method: str) -> None:
+    """Fit a probability calibration on the model's validation split and record it in the card
+    (the model's version changes with it; labels do not)."""
+    from batchcxr.evaluation.calibrate import calibrate_model
+
+    data_dir = _train_folder(data_dir)
+    card = calibrate_model(model_dir, data_dir, method)
+    c = card["calibration"]
+    click.echo(f"{card['name']}: {method} a={c['a']:.4f} b={c['b']:.4f}; validation ECE {c['validation_ece_before']:.4f}"
+               f" -> {c['validation_ece_after']:.4f}; version {card['version']}")
+
+
+EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
+"""`batchcxr score` exit codes: 0 finished (every file scored, skipped, unchanged or deferred);
 1 finished, but some files failed (each is recorded with its reason and left in place);
-2 bad command line or settings; 3 could not run (models or database unavailable)."""
+2 bad command line or settings; 3 could not run or could not go on (models, database or a
+volume unavailable); 4 stopped by SIGTERM/SIGINT before the end (the run row says interrupted;
+run it again to finish)."""
+
+
+def _train_folder(data_dir: Path) -> Path:
+    """A Kaggle-layout root or its train folder -> the train folder."""
+    return data_dir / "train" if (data_dir / "train").is_dir() else data_dir
 
 
 def _settings(config: Path | None, **overrides):
@@ -214,6 +273,20 @@ def _settings(config: Path | None, **overrides):
         raise click.UsageError(str(exc)) from exc
 
 
+def _open_store(settings, upgrade: bool = True):
+    from batchcxr.store.repo import Store
+
+    return Store.open(settings.sqlalchemy_url, busy_timeout_s=settings.db_busy_timeout_seconds,
+                      lateral_views=settings.quality.lateral_views, upgrade=upgrade)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
 @main.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @config_option
@@ -222,63 +295,128 @@ def _settings(config: Path | None, **overrides):
               help="Report folder [default: batchcxr-reports].")
 @click.option("--batch-size", type=int, default=None, help="Images per model batch [default: 32].")
 @click.option("--rescore", is_flag=True, help="Score again files already scored by these model versions.")
+@click.option("--retry-failed", is_flag=True, help="Try again files that failed before (they are not read "
+                                                   "again otherwise while they are unchanged).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
 @click.option("--since", default=None, metavar="AGE|DATE",
               help="Only files modified in the last AGE (24h, 90m, 7d) or since DATE (2026-11-24); "
                    "takes the lock file so two such runs never overlap (the nightly job).")
 def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path | None,
-          batch_size: int | None, rescore: bool, progress: bool | None, since: str | None) -> None:
+          batch_size: int | None, rescore: bool, retry_failed: bool, progress: bool | None,
+          since: str | None) -> None:
     """Score every DICOM/JPEG/PNG image under PATH with both models; write the database and reports.
 
     \b
     Exit codes: 0 finished; 1 finished but some files failed (see the report);
-    2 bad options or settings; 3 could not run (models or database).
+    2 bad options or settings; 3 could not run or go on (models, database, disk);
+    4 stopped by a signal before the end (run it again to finish).
     """
+    from filelock import FileLock, Timeout
     from tqdm import tqdm
 
     from batchcxr.ingest.files import walk
     from batchcxr.pipeline import Scorer
-    from batchcxr.store.repo import Store
+    from batchcxr.signals import StopNow
 
-    from filelock import FileLock, Timeout
-
+    log = logging.getLogger("batchcxr")
     settings = _settings(config, db_url=db_url, reports_dir=reports_dir, batch_size=batch_size)
+    EARLY.set_timeout(settings.watch.stop_timeout_seconds)
     cutoff = _parse_since(since) if since else None
     lock = FileLock(str(settings.lock_file)) if since else None
     try:
         if lock is not None:
             lock.acquire(timeout=0)
     except Timeout:
-        logging.getLogger("batchcxr").error("another run holds %s; not starting", settings.lock_file)
+        log.error("another run holds %s; not starting", settings.lock_file)
         sys.exit(EXIT_CANNOT_RUN)
     try:
         try:
-            store = Store.open(settings.sqlalchemy_url)
+            store = _open_store(settings)
             scorer = Scorer.from_settings(settings, store)
         except Exception as exc:  # noqa: BLE001 - reported, with exit code 3
-            logging.getLogger("batchcxr").error("cannot start: %s", exc)
+            log.error("cannot start: %s", exc)
             sys.exit(EXIT_CANNOT_RUN)
-        paths = [p for p in walk(path) if cutoff is None or p.stat().st_mtime >= cutoff]
+        paths = [p for p in walk(path, settings.ignore) if cutoff is None or _mtime(p) >= cutoff]
+        if retry_failed:
+            paths += _failed_paths_under(store, path, set(paths))
         show = sys.stderr.isatty() if progress is None else progress
-        with tqdm(total=len(paths), unit="file", disable=not show, desc="scoring") as bar:
-            summary = scorer.score_paths(path, paths, rescore=rescore, progress=bar.update,
-                                         command="score --since" if since else "score")
+        try:
+            with tqdm(total=len(paths), unit="file", disable=not show, desc="scoring") as bar:
+                summary = scorer.score_paths(path, paths, rescore=rescore, retry_failed=retry_failed,
+                                             progress=bar.update, command="score --since" if since else "score",
+                                             stop=EARLY, keep_files=False)
+        except StopNow as exc:
+            log.error("%s (the run is recorded as interrupted)", exc)
+            sys.exit(EXIT_INTERRUPTED)
+        except OSError as exc:
+            from batchcxr.worker import describe_fault
+
+            log.error("cannot go on: %s (the run is recorded as interrupted)", describe_fault(exc))
+            sys.exit(EXIT_CANNOT_RUN)
+        except Exception as exc:
+            from sqlalchemy.exc import DBAPIError
+
+            if not isinstance(exc, DBAPIError):
+                raise
+            from batchcxr.worker import describe_fault
+
+            log.error("cannot go on: %s (the run is recorded as interrupted)", describe_fault(exc))
+            sys.exit(EXIT_CANNOT_RUN)
+        finally:
+            EARLY.disarm()
         store.close()
     finally:
         if lock is not None:
             lock.release()
-    lines = [
-        f"run #{summary.run_id}: {len(paths)} files in {summary.seconds:.1f} s",
-        f"  scored     {summary.scored} ({summary.images_per_second:.1f} images/s)",
-        f"  unchanged  {summary.unchanged} (already scored by these model versions)",
-        f"  skipped    {sum(summary.skipped.values())}",
-    ]
-    lines += [f"    {n:>4}  {reason}" for reason, n in summary.skipped.most_common()]
-    lines.append(f"  failed     {sum(summary.failed.values())}")
-    lines += [f"    {n:>4}  {reason}" for reason, n in summary.failed.most_common()]
-    lines.append(f"report: {summary.index_path.resolve()}")
-    click.echo("\n".join(lines))
+    click.echo("\n".join(summary_lines(summary, len(paths))))
+    if summary.status == "interrupted":
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_FILES_FAILED if summary.failed else EXIT_OK)
+
+
+def _failed_paths_under(store, root: Path, listed: set[Path]) -> list[Path]:
+    """Files that failed before under ``root`` and are not listed yet; the ones that are gone
+    leave the failure lists."""
+    base = os.path.abspath(root)
+    found, gone = [], []
+    for p in store.failed_paths(base):
+        path = Path(p)
+        if path in listed:
+            continue
+        (found if os.path.lexists(path) else gone).append(path)
+    store.mark_removed(str(p) for p in gone)
+    return found
+
+
+def summary_lines(summary, n_files: int) -> list[str]:
+    """What `batchcxr score` prints: every outcome with its reasons."""
+    def block(label: str, counter, note: str = "") -> list[str]:
+        total = sum(counter.values())
+        out = [f"  {label:<10} {total}{note}"] if total or label in ("skipped", "failed") else []
+        return out + [f"    {n:>4}  {reason}" for reason, n in counter.most_common()]
+
+    earlier = {}
+    for (status, reason), n in summary.earlier.items():
+        earlier.setdefault(status, {})[reason] = n
+    from collections import Counter
+
+    lines = [
+        f"run #{summary.run_id}: {n_files} files in {summary.seconds:.1f} s"
+        + (" (stopped by a signal before the end: run again to finish)" if summary.status == "interrupted" else ""),
+        f"  {'scored':<10} {summary.scored} ({summary.images_per_second:.1f} images/s)",
+        f"  {'unchanged':<10} {summary.unchanged} (already scored by these model versions)",
+    ]
+    lines += block("skipped", summary.skipped)
+    lines += block("failed", summary.failed)
+    lines += block("skipped earlier", Counter(earlier.get("skipped earlier", {})))
+    lines += block("failed earlier", Counter(earlier.get("failed earlier", {})), " (batchcxr score --retry-failed "
+                                                                                   "tries them again)")
+    lines += block("deferred", summary.deferred, " (not handled now: the next run reads them again)")
+    if summary.vanished:
+        lines.append(f"  {'vanished':<10} {summary.vanished} (gone before they were read: not a failure)")
+    if summary.index_path is not None:
+        lines.append(f"report: {summary.index_path.resolve()}")
+    return lines
 
 
 def _parse_since(text: str) -> float:
@@ -311,9 +449,12 @@ def _parse_since(text: str) -> float:
 def watch(drop_dir: Path, config: Path | None, db_url: str | None, reports_dir: Path | None,
           archive_dir: str | None, quarantine_dir: str | None, polling: bool | None,
           max_idle: float | None, log_json: bool) -> None:
-    """Watch DROP_DIR: score each study once it is complete; archive or quarantine its files."""
+    """Watch DROP_DIR: score each study once it is complete; archive or quarantine its files.
+
+    Faults (disk full, database locked or unreachable, folders not writable) are logged, shown
+    by `batchcxr status` and retried until they clear; SIGTERM finishes the batch in hand and
+    exits 0."""
     from batchcxr.pipeline import Scorer
-    from batchcxr.store.repo import Store
     from batchcxr.worker import Watcher
 
     if log_json:
@@ -323,13 +464,12 @@ def watch(drop_dir: Path, config: Path | None, db_url: str | None, reports_dir: 
     settings = _settings(config, db_url=db_url, reports_dir=reports_dir,
                          watch=watch_overrides or None)
     try:
-        store = Store.open(settings.sqlalchemy_url)
+        store = _open_store(settings, upgrade=False)  # the watcher migrates, retrying while the database is down
         scorer = Scorer.from_settings(settings, store)
     except Exception as exc:  # noqa: BLE001
         logging.getLogger("batchcxr").error("cannot start: %s", exc)
         sys.exit(EXIT_CANNOT_RUN)
-    watcher = Watcher(scorer, drop_dir)
-    watcher.install_signal_handlers()
+    watcher = Watcher(scorer, drop_dir, stop=EARLY)
     code = watcher.run(max_idle_seconds=max_idle)
     store.close()
     sys.exit(code)
@@ -350,36 +490,28 @@ def _json_logging() -> None:
 @db_option
 @click.option("--stale-after", type=float, default=60.0, show_default=True,
               help="A heartbeat older than this many seconds means the daemon is not alive.")
-def status(config: Path | None, db_url: str | None, stale_after: float) -> None:
-    """Daemon heartbeat, files waiting, studies pending, last scored, errors in the last 24 h."""
-    import datetime as dt
+@click.option("--backlog-after", type=float, default=900.0, show_default=True,
+              help="A file waiting longer than this many seconds means the daemon is degraded.")
+@click.option("--failed", "failed_page", type=int, default=None, metavar="PAGE",
+              help="List the files not scored (50 a page), newest first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts and monitoring.")
+def status(config: Path | None, db_url: str | None, stale_after: float, backlog_after: float,
+           failed_page: int | None, as_json: bool) -> None:
+    """Daemon heartbeat, faults, files waiting, last scored, errors in the last 24 h, files not scored.
 
-    from batchcxr.store.repo import Store
-    from batchcxr.store.schema import utcnow
+    \b
+    Exit codes: 0 a daemon is up and healthy; 1 no daemon ever ran on this database, or none
+    is up; 2 up but degraded (a fault, a backlog, a daemon down among several).
+    """
+    import json
+
+    from batchcxr.status import gather, render
 
     settings = _settings(config, db_url=db_url)
-    store = Store.open(settings.sqlalchemy_url)
-    now = utcnow()
-    daemons = store.daemons()
-    if not daemons:
-        click.echo("watcher: never ran on this database")
-    for d in daemons:
-        age = (now - d.heartbeat_at).total_seconds()
-        alive = d.state == "running" and age <= stale_after
-        click.echo(f"{d.name}: {'ALIVE' if alive else 'NOT RUNNING'} (state {d.state}, pid {d.pid} on {d.host}, "
-                   f"heartbeat {age:.0f} s ago)")
-        click.echo(f"  files waiting {d.files_waiting}, studies pending {d.studies_pending}, "
-                   f"last scored {d.last_scored_at or 'never'}")
-    click.echo(f"last prediction: {store.last_prediction_at() or 'never'}")
-    errors = store.errors_since(now - dt.timedelta(hours=24))
-    failed = [e for e in errors if e.status == "failed"]
-    click.echo(f"last 24 h: {len(failed)} failed, {len(errors) - len(failed)} skipped")
-    for e in failed[-10:]:
-        click.echo(f"  {e.created_at:%Y-%m-%d %H:%M} {e.path}: {e.reason}")
-    store.close()
-    if daemons and not any(d.state == "running" and (now - d.heartbeat_at).total_seconds() <= stale_after
-                           for d in daemons):
-        sys.exit(1)
+    report = gather(settings, stale_after=stale_after, backlog_after=backlog_after,
+                    failed_page=failed_page)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
+    sys.exit(report["exit_code"])
 
 
 @main.command()
@@ -418,21 +550,25 @@ def hash_password(password: str) -> None:
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file [default: standard output].")
 def export(config: Path | None, db_url: str | None, fmt: str, out_file: Path | None) -> None:
-    """Export every prediction (one row per image and model) as CSV or JSON."""
-    import pandas as pd
+    """Export every prediction (one row per image and model) as CSV or JSON.
 
-    from batchcxr.store.repo import Store
+    CSV cells that a spreadsheet would read as formulas are neutralised (a leading apostrophe,
+    every cell quoted)."""
+    from batchcxr.export import write_csv, write_json
+    from batchcxr.store.repo import PREDICTION_FIELDS, Store
 
     settings = _settings(config, db_url=db_url)
     store = Store.open(settings.sqlalchemy_url)
-    frame = pd.DataFrame(store.prediction_rows())
-    store.close()
-    text = frame.to_csv(index=False) if fmt == "csv" else frame.to_json(orient="records", indent=2)
-    if out_file is None:
-        click.echo(text, nl=False)
-    else:
-        out_file.write_text(text)
-        click.echo(f"wrote {len(frame)} rows to {out_file}", err=True)
+    rows = store.iter_prediction_rows()
+    out = sys.stdout if out_file is None else open(out_file, "w", newline="", encoding="utf-8")
+    try:
+        n = write_csv(rows, PREDICTION_FIELDS, out) if fmt == "csv" else write_json(rows, out)
+    finally:
+        if out_file is not None:
+            out.close()
+        store.close()
+    if out_file is not None:
+        click.echo(f"wrote {n} rows to {out_file}", err=True)
 
 
 if __name__ == "__main__":
