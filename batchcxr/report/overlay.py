@@ -68,3 +68,46 @@ def encode_layer(layer: np.ndarray) -> bytes:
     if not ok:
         raise ValueError("layer encoding failed")
     return buf.tobytes()
+
+
+OUTLINE_SIDE = 256
+"""Longest side of the lung-outline layer: a smooth line when stretched over the image."""
+OUTLINE_BGRA = (255, 255, 0, 230)
+"""Cyan, nearly opaque: visible on grey and on JET's blues and reds alike."""
+
+
+def lung_outline_layer(lungs: np.ndarray, shape: tuple[int, int], box: tuple[float, float, float, float] | None = None,
+                       max_side: int = OUTLINE_SIDE) -> np.ndarray:
+    """A transparent BGRA layer for an image of ``shape`` (rows, columns) with the outline of a
+    0/1 lung mask (any resolution; it covers the whole image) and, when given, the lung crop box
+    (top, left, bottom, right fractions) as a dashed rectangle: what the model was shown."""
+    scale = min(1.0, max_side / max(shape))
+    h, w = max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+    smooth = cv2.resize(lungs.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    contours, _ = cv2.findContours((smooth >= 0.5).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    layer = np.zeros((h, w, 4), np.uint8)
+    thickness = max(1, round(max(h, w) / 200))
+    cv2.drawContours(layer, contours, -1, OUTLINE_BGRA, thickness, lineType=cv2.LINE_AA)
+    if box is not None and box != (0.0, 0.0, 1.0, 1.0):
+        top, left, bottom, right = box
+        y0, x0, y1, x1 = int(top * h), int(left * w), min(h - 1, int(bottom * h)), min(w - 1, int(right * w))
+        for i in range(x0, x1, 8):
+            cv2.line(layer, (i, y0), (min(i + 4, x1), y0), OUTLINE_BGRA, thickness)
+            cv2.line(layer, (i, y1), (min(i + 4, x1), y1), OUTLINE_BGRA, thickness)
+        for j in range(y0, y1, 8):
+            cv2.line(layer, (x0, j), (x0, min(j + 4, y1)), OUTLINE_BGRA, thickness)
+            cv2.line(layer, (x1, j), (x1, min(j + 4, y1)), OUTLINE_BGRA, thickness)
+    return layer
+
+
+def boxed_heatmap(heatmap: np.ndarray, box: tuple[float, float, float, float], side: int = 64) -> np.ndarray:
+    """A map computed on a cropped input, placed in a map of the whole image (zero outside the
+    box), so heatmap_layer can stretch it over the whole display image."""
+    if box == (0.0, 0.0, 1.0, 1.0):
+        return heatmap
+    top, left, bottom, right = box
+    frame = np.zeros((side, side), np.float32)
+    y0, x0 = int(round(top * side)), int(round(left * side))
+    y1, x1 = max(y0 + 1, int(round(bottom * side))), max(x0 + 1, int(round(right * side)))
+    frame[y0:y1, x0:x1] = cv2.resize(np.asarray(heatmap, np.float32), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    return frame

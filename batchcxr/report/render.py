@@ -1,14 +1,20 @@
-"""HTML reports: one page per study and an index/worklist, from the Store, via Jinja2.
+"""HTML reports: one page per study, paged study lists, the failure lists and an index, from the
+Store, via Jinja2.
 
-The report folder is self-contained (relative links, images and CSS inside it)
-so it opens from file:// on another machine. File names come from hashes,
-never from DICOM fields, and every DICOM-derived text is autoescaped.
+The report folder is self-contained (relative links, images and CSS inside it) so it opens from
+file:// on another machine. File names come from hashes, never from DICOM fields, and every
+DICOM-derived text is autoescaped. A run writes only what changed: the pages of studies whose
+data changed (the database marks them stale), the list pages holding them, the failure pages
+when the set of failed files changed, its run page and the index, which is built from aggregate
+queries. So the cost of a run follows the files in it, not the size of the archive.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
+import logging
 import os
 import shutil
 from collections import Counter
@@ -19,10 +25,18 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from batchcxr.paths import TEMPLATES_DIR
-from batchcxr.store.repo import Store
+from batchcxr.report.names import dicom_date, folder_of, person_name, study_title
+from batchcxr.store.lists import BUCKET
 from batchcxr.store.schema import ErrorRecord, Study
 
+log = logging.getLogger(__name__)
+
 NOTICE = "Research software. Not for diagnostic use: every result needs review by a radiologist."
+TMP_DIR = ".tmp"
+"""Temporary files of atomic writes in the reports folder live here (one place to clean up)."""
+FAILURES_PAGE = 200
+STALE_CHUNK = 200
+INDEX_LIST = 50
 
 
 def study_slug(study_key: str) -> str:
@@ -30,16 +44,60 @@ def study_slug(study_key: str) -> str:
     return hashlib.sha256(study_key.encode()).hexdigest()[:16]
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write via a temp file and rename, so no reader sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def private_dir(path: Path) -> None:
+    """Create a folder (and its parents) readable by its owner only: report files hold PHI."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def atomic_write(path: Path, data: bytes | str, tmp_dir: Path | None = None) -> None:
+    """Write via a temp file and rename, so no reader sees a half-written file. The file is
+    created 0600 (owner only). ``tmp_dir`` (same file system) holds the temp file; default: a
+    dot-name beside ``path``."""
+    folder = tmp_dir or path.parent
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     raw = data.encode() if isinstance(data, str) else data
+    for attempt in (1, 2):
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            break
+        except FileNotFoundError:  # first file in a new folder (one syscall less for all the others)
+            if attempt == 2:
+                raise
+            private_dir(folder)
+            private_dir(path.parent)
     try:
-        tmp.write_bytes(raw)
-    except FileNotFoundError:  # first file in a new folder (one syscall less for all the others)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(raw)
-    tmp.replace(path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        try:
+            os.replace(tmp, path)
+        except FileNotFoundError:
+            private_dir(path.parent)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temp(folder: Path, alive) -> int:
+    """Delete temp files of atomic writes left in ``folder`` by processes that are gone
+    (``alive(pid)`` false); return how many."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        try:
+            pid = int(name.rsplit(".", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if not alive(pid):
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 @dataclass
@@ -51,6 +109,9 @@ class ModelResult:
     threshold: float
     label: str
     overlay: str
+    calibrated: float | None = None
+    boxed: bool = False
+    """The model saw a lung crop (the outline layer shows its box)."""
 
 
 @dataclass
@@ -64,6 +125,8 @@ class ImageView:
     frontal: bool
     display: str
     results: list[ModelResult] = field(default_factory=list)
+    lungs: str = ""
+    """The lung-outline layer, relative to the reports folder."""
 
     @property
     def disagree(self) -> bool:
@@ -71,7 +134,9 @@ class ImageView:
 
 
 @dataclass
-class StudyView:
+class StudyFields:
+    """What names a study on every page: formatted, empty fields left for the template to hide."""
+
     id: int
     key: str
     slug: str
@@ -80,10 +145,55 @@ class StudyView:
     accession_number: str
     study_date: str
     study_description: str
-    images: list[ImageView]
-    scores: dict[str, float]
+
+    @property
+    def title(self) -> str:
+        return study_title(self.key, self.patient_name, self.patient_id, self.study_date, self.accession_number)
+
+    @property
+    def folder(self) -> str:
+        return folder_of(self.key)
+
+    @property
+    def display_name(self) -> str:
+        return person_name(self.patient_name)
+
+    @property
+    def display_date(self) -> str:
+        return dicom_date(self.study_date)
+
+
+@dataclass
+class StudyRow(StudyFields):
+    """One line of a study list: the study's fields and its result per model (from the study
+    row alone)."""
+
+    n_images: int = 0
+    scores: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    flagged_disagree: bool = False
+
+    @property
+    def max_score(self) -> float:
+        return max(self.scores.values(), default=-1.0)
+
+    @property
+    def disagree(self) -> bool:
+        return self.flagged_disagree
+
+
+@dataclass
+class StudyView(StudyFields):
+    """A whole study for its page."""
+
+    images: list[ImageView] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
     """Study result per model: the highest frontal-image probability."""
-    labels: dict[str, str]
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
 
     @property
     def max_score(self) -> float:
@@ -94,37 +204,54 @@ class StudyView:
         return len(set(self.labels.values())) > 1 or any(i.disagree for i in self.images)
 
 
+def _fields(study: Study) -> dict[str, Any]:
+    return dict(id=study.id, key=study.study_key, slug=study_slug(study.study_key), patient_name=study.patient_name,
+                patient_id=study.patient_id, accession_number=study.accession_number, study_date=study.study_date,
+                study_description=study.study_description)
+
+
+def study_row(study: Study) -> StudyRow:
+    results = study.results or {}
+    return StudyRow(**_fields(study), n_images=study.n_images, scores={k: v[0] for k, v in results.items()},
+                    labels={k: v[1] for k, v in results.items()}, flagged_disagree=bool(study.disagree))
+
+
 def study_view(study: Study, lateral_views: tuple[str, ...]) -> StudyView:
     images: list[ImageView] = []
     scores: dict[str, float] = {}
     labels: dict[str, str] = {}
+    lateral = {v.upper() for v in lateral_views}
     for img in sorted(study.images, key=lambda i: i.path):
-        frontal = img.view_position.upper() not in lateral_views
+        frontal = img.view_position.upper() not in lateral
         results = [
-            ModelResult(p.id, p.model_name, p.model_version, p.probability, p.threshold, p.label, p.heatmap_path)
-            for p in sorted(img.predictions, key=lambda p: (p.model_name, p.created_at))
+            ModelResult(p.id, p.model_name, p.model_version, p.probability, p.threshold, p.label, p.heatmap_path,
+                        p.calibrated)
+            for p in sorted(img.predictions, key=lambda p: (p.model_name, p.created_at, p.id))
         ]
         latest = {r.name: r for r in results}  # newest prediction per model name
         results = sorted(latest.values(), key=lambda r: r.name)
         images.append(ImageView(img.id, img.path, img.status, img.reason, img.qc_notes, img.view_position,
-                                frontal, img.display_path, results))
+                                frontal, img.display_path, results, img.lungs_path))
         if img.status == "scored" and frontal:
             for r in results:
                 if r.probability > scores.get(r.name, -1.0):
                     scores[r.name] = r.probability
                     labels[r.name] = r.label
-    return StudyView(study.id, study.study_key, study_slug(study.study_key), study.patient_name, study.patient_id,
-                     study.accession_number, study.study_date, study.study_description, images, scores, labels)
+    return StudyView(**_fields(study), images=images, scores=scores, labels=labels)
 
 
 def make_environment() -> Environment:
     """The Jinja2 environment of reports/templates (autoescaped), shared with the web app."""
-    return Environment(
+    env = Environment(
         loader=FileSystemLoader(str(TEMPLATES_DIR)),
         autoescape=select_autoescape(["html", "xml"], default=True),
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["person_name"] = person_name
+    env.filters["dicom_date"] = dicom_date
+    env.filters["plural"] = lambda n, word, many=None: f"{n} {word if n == 1 else (many or word + 's')}"
+    return env
 
 
 def _reasons(errors: list[ErrorRecord]) -> list[tuple[tuple[str, str], int]]:
@@ -133,60 +260,126 @@ def _reasons(errors: list[ErrorRecord]) -> list[tuple[tuple[str, str], int]]:
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+def _utc_now_text() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 class ReportWriter:
     """Renders report pages into one folder."""
 
     def __init__(self, out_dir: Path, lateral_views: tuple[str, ...] = ("LL", "RL", "LAT", "LATERAL")) -> None:
         self.out_dir = Path(out_dir)
+        self.tmp = self.out_dir / TMP_DIR
         self.lateral_views = lateral_views
         self.env = make_environment()
 
     def _render(self, template: str, **context: Any) -> str:
         return self.env.get_template(template).render(notice=NOTICE, **context)
 
+    def _write(self, rel: str, text: str) -> Path:
+        path = self.out_dir / rel
+        atomic_write(path, text, self.tmp)
+        return path
+
     def _copy_static(self) -> None:
-        css = TEMPLATES_DIR / "style.css"
-        target = self.out_dir / "style.css"
-        if not target.exists() or target.read_bytes() != css.read_bytes():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(css, target)
+        private_dir(self.tmp)
+        for name in ("style.css", "favicon.svg"):
+            source, target = TEMPLATES_DIR / name, self.out_dir / name
+            if not target.exists() or target.read_bytes() != source.read_bytes():
+                atomic_write(target, source.read_bytes(), self.tmp)
+
+    def clean_temp(self, alive) -> int:
+        """Remove temp files left by crashed writers (at start of the watcher)."""
+        return remove_stale_temp(self.tmp, alive)
 
     def write_study(self, view: StudyView) -> Path:
-        path = self.out_dir / "studies" / f"{view.slug}.html"
-        atomic_write(path, self._render("study.html", study=view, root="../",
-                                        image_src=lambda img: "../" + img.display,
-                                        overlay_src=lambda result: "../" + result.overlay))
-        return path
+        return self._write(f"studies/{view.slug}.html", self._render(
+            "study.html", study=view, root="../", image_src=lambda img: "../" + img.display,
+            overlay_src=lambda result: "../" + result.overlay, lungs_src=lambda img: "../" + img.lungs,
+            interactive=False))
 
-    def write_index(self, views: list[StudyView], errors: list[ErrorRecord], run: Any | None,
-                    runs: list[Any]) -> Path:
-        views = sorted(views, key=lambda v: (-v.max_score, v.key))
-        path = self.out_dir / "index.html"
-        atomic_write(path, self._render(
-            "index.html", studies=views, reasons=_reasons(errors), errors=errors, run=run, runs=runs, root="",
-            model_names=sorted({name for v in views for name in v.scores}),
-            generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        ))
-        return path
+    def write_bucket(self, store, bucket: int) -> Path:
+        rows = [study_row(s) for s in store.bucket_studies(bucket)]
+        lo, hi = (bucket - 1) * BUCKET + 1, bucket * BUCKET
+        return self._write(f"lists/studies-{bucket}.html", self._render(
+            "list.html", studies=rows, bucket=bucket, lo=lo, hi=hi, root="../", generated=_utc_now_text(),
+            model_names=sorted({n for r in rows for n in r.scores})))
+
+    def write_failures(self, store) -> int:
+        """The failure pages (every file not scored, newest first), when the set changed."""
+        marker = self.out_dir / "failures" / "version.json"
+        version = list(store.failures_version())
+        try:
+            if json.loads(marker.read_text()) == version and (self.out_dir / "failures" / "page-1.html").exists():
+                return 0
+        except (OSError, ValueError):
+            pass
+        total = version[0]
+        pages = max(1, -(-total // FAILURES_PAGE))
+        for page in range(1, pages + 1):
+            files = store.failed_files((page - 1) * FAILURES_PAGE, FAILURES_PAGE)
+            self._write(f"failures/page-{page}.html", self._render(
+                "failures.html", files=files, page=page, pages=pages, total=total, root="../",
+                generated=_utc_now_text()))
+        old = pages + 1
+        while (self.out_dir / "failures" / f"page-{old}.html").exists():
+            (self.out_dir / "failures" / f"page-{old}.html").unlink()
+            old += 1
+        atomic_write(marker, json.dumps(version), self.tmp)
+        return pages
 
     def write_run(self, run: Any, errors: list[ErrorRecord]) -> Path:
         """The summary page of one run (the nightly job's record)."""
-        path = self.out_dir / "runs" / f"run-{run.id}.html"
-        atomic_write(path, self._render("run.html", run=run, reasons=_reasons(errors), errors=errors, root="../"))
-        return path
+        return self._write(f"runs/run-{run.id}.html", self._render(
+            "run.html", run=run, reasons=_reasons(errors), errors=errors, root="../"))
 
-    def write_all(self, store: Store, changed_keys: set[str] | None = None, run_id: int | None = None) -> Path:
-        """Rewrite pages of changed studies (all when None), any missing page, and the index."""
+    def write_stale(self, store) -> set[int]:
+        """Pages of every study marked stale; returns the list pages (buckets) they are on."""
+        buckets: set[int] = set()
+        after = 0
+        while True:
+            studies = store.stale_studies(STALE_CHUNK, after)
+            if not studies:
+                return buckets
+            for study in studies:
+                self.write_study(study_view(study, self.lateral_views))
+                buckets.add((study.id - 1) // BUCKET + 1)
+            store.clear_stale([(s.id, s.updated_at) for s in studies])
+            after = studies[-1].id
+
+    def write_pending(self, store, run_id: int | None = None) -> Path:
+        """Bring the report folder up to date after a run: stale study pages, their list pages,
+        failure pages if needed, the run's page, missing pages of recent runs, the index."""
         self._copy_static()
-        views = [study_view(s, self.lateral_views) for s in store.studies()]
-        for view in views:
-            page = self.out_dir / "studies" / f"{view.slug}.html"
-            if changed_keys is None or view.key in changed_keys or not page.exists():
-                self.write_study(view)
+        buckets = self.write_stale(store)
+        top_id = store.max_study_id()
+        last_bucket = (top_id - 1) // BUCKET + 1 if top_id else 0
+        for bucket in range(1, last_bucket + 1):
+            if bucket in buckets or not (self.out_dir / "lists" / f"studies-{bucket}.html").exists():
+                self.write_bucket(store, bucket)
+        self.write_failures(store)
         run = store.get_run(run_id) if run_id is not None else store.latest_run()
-        errors = store.errors(run.id) if run is not None else []
+        errors = store.errors(run.id, limit=5000) if run is not None else []
         runs = store.recent_runs()
         for r in runs:
             if (run is not None and r.id == run.id) or not (self.out_dir / "runs" / f"run-{r.id}.html").exists():
-                self.write_run(r, errors if run is not None and r.id == run.id else store.errors(r.id))
-        return self.write_index(views, errors, run, runs)
+                self.write_run(r, errors if run is not None and r.id == run.id else store.errors(r.id, limit=5000))
+        return self.write_index(store, run, errors, runs, last_bucket)
+
+    def write_all(self, store, changed_keys=None, run_id: int | None = None) -> Path:
+        """Everything pending (kept for callers of the old name)."""
+        return self.write_pending(store, run_id)
+
+    def write_index(self, store, run: Any | None, errors: list[ErrorRecord], runs: list[Any],
+                    last_bucket: int) -> Path:
+        from batchcxr.store.lists import WorklistFilter
+
+        top = [study_row(s) for s in store.worklist(WorklistFilter(), 0, INDEX_LIST)]
+        failed = store.failed_files(0, INDEX_LIST)
+        counts = store.archive_counts()
+        return self._write("index.html", self._render(
+            "index.html", top=top, failed=failed, counts=counts, reasons=_reasons(errors), errors=errors[:200],
+            run=run, runs=runs, root="", buckets=list(range(last_bucket, 0, -1)), bucket_size=BUCKET,
+            model_names=sorted({n for r in top for n in r.scores}), generated=_utc_now_text(),
+            failures_pages=max(1, -(-counts["failed_files"] // FAILURES_PAGE)),
+        ))

@@ -9,7 +9,6 @@ only reads the input folders' results and writes verdicts to the database.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
 import secrets
@@ -22,22 +21,19 @@ from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 from werkzeug.security import check_password_hash
 
 from batchcxr.paths import TEMPLATES_DIR
-from batchcxr.report.render import NOTICE, StudyView, make_environment, study_view
+from batchcxr.export import csv_row, write_csv
+from batchcxr.report.render import NOTICE, StudyRow, make_environment, study_row, study_view
 from batchcxr.settings import Settings
+from batchcxr.store.lists import FILTERS, WorklistFilter
 from batchcxr.store.repo import VERDICTS, Store
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'; connect-src 'self'")
-FILTERS = {
-    "review": ("all", "unreviewed", "reviewed"),
-    "agreement": ("all", "agree", "disagree"),
-    "label": ("all", "PNEUMONIA", "NORMAL"),
-}
 
 
 @dataclass
 class Row:
-    view: StudyView
+    view: StudyRow
     verdict: str
     reviewer: str
 
@@ -114,48 +110,28 @@ def create_app(settings: Settings, store: Store) -> Flask:
         return redirect(url_for("login"))
 
     # --- worklist and study -----------------------------------------------------
-    def rows(args) -> list[Row]:
-        latest = store.latest_verdicts()
-        out = []
-        for study in store.studies():
-            view = study_view(study, lateral)
-            v = latest.get(study.id)
-            out.append(Row(view, v.verdict if v else "", v.reviewer if v else ""))
-        out.sort(key=lambda r: (-r.view.max_score, r.view.id))
-        chosen = {k: (args.get(k) if args.get(k) in allowed else "all") for k, allowed in FILTERS.items()}
-        date_from, date_to = _date(args.get("from")), _date(args.get("to"))
-        keep = []
-        for r in out:
-            if chosen["review"] == "unreviewed" and r.verdict or chosen["review"] == "reviewed" and not r.verdict:
-                continue
-            if chosen["agreement"] == "agree" and r.view.disagree or chosen["agreement"] == "disagree" and not r.view.disagree:
-                continue
-            if chosen["label"] != "all" and chosen["label"] not in r.view.labels.values():
-                continue
-            if date_from and (not r.view.study_date or r.view.study_date < date_from):
-                continue
-            if date_to and (not r.view.study_date or r.view.study_date > date_to):
-                continue
-            keep.append(r)
-        return keep
-
-    def filter_args(args) -> dict[str, str]:
-        return {k: v for k, v in args.items() if k in (*FILTERS, "from", "to") and v and v != "all"}
+    def page_rows(f: WorklistFilter, page: int) -> tuple[list[Row], int, int]:
+        """One worklist page from SQL: (rows, page, matching studies); a study page loads only its study."""
+        total = store.count_studies(f)
+        pages = max(1, -(-total // web.page_size))
+        page = min(max(1, page), pages)
+        studies = store.worklist(f, (page - 1) * web.page_size, web.page_size)
+        latest = store.latest_verdicts([st.id for st in studies])
+        rows = []
+        for st in studies:
+            v = latest.get(st.id)
+            rows.append(Row(study_row(st), v.verdict if v else "", v.reviewer if v else ""))
+        return rows, page, total
 
     @app.get("/")
     @login_required
     def worklist():
-        selected = rows(request.args)
-        page = max(1, request.args.get("page", 1, type=int))
-        size = web.page_size
-        pages = max(1, (len(selected) + size - 1) // size)
-        page = min(page, pages)
-        shown = selected[(page - 1) * size : page * size]
-        all_rows = store.studies()
-        reviewed = len(store.latest_verdicts())
-        return render("web/worklist.html", rows=shown, page=page, pages=pages, total=len(selected),
-                      studies_total=len(all_rows), reviewed=reviewed, filters=filter_args(request.args),
-                      choices=FILTERS, model_names=sorted({n for r in selected for n in r.view.scores}))
+        f = WorklistFilter.from_args(request.args)
+        shown, page, total = page_rows(f, request.args.get("page", 1, type=int))
+        pages = max(1, -(-total // web.page_size))
+        return render("web/worklist.html", rows=shown, page=page, pages=pages, total=total,
+                      studies_total=store.count_studies(), reviewed=store.count_reviewed(), filters=f.as_args(),
+                      choices=FILTERS, model_names=sorted({n for r in shown for n in r.view.scores}))
 
     @app.get("/study/<int:study_id>")
     @login_required
@@ -163,16 +139,15 @@ def create_app(settings: Settings, store: Store) -> Flask:
         found = store.study(study_id)
         if found is None:
             abort(404)
+        f = WorklistFilter.from_args(request.args)
         view = study_view(found, lateral)
-        order = [r.view.id for r in rows(request.args)]
-        pos = order.index(study_id) if study_id in order else -1
-        prev_id = order[pos - 1] if pos > 0 else None
-        next_id = order[pos + 1] if 0 <= pos < len(order) - 1 else None
-        latest = store.latest_verdicts().get(study_id)
+        prev_id, next_id = store.neighbours(found, f)
+        latest = store.latest_verdicts([study_id]).get(study_id)
         return render("web/study.html", study=view, latest=latest, prev_id=prev_id, next_id=next_id,
-                      filters=filter_args(request.args), verdicts=VERDICTS,
+                      filters=f.as_args(), verdicts=VERDICTS,
                       image_src=lambda img: url_for("image", image_id=img.id),
-                      overlay_src=lambda r: url_for("overlay", prediction_id=r.id))
+                      overlay_src=lambda r: url_for("overlay", prediction_id=r.id),
+                      lungs_src=lambda img: url_for("lungs", image_id=img.id))
 
     @app.post("/study/<int:study_id>/verdict")
     @login_required
@@ -184,7 +159,7 @@ def create_app(settings: Settings, store: Store) -> Flask:
             abort(404)
         store.add_verdict(study_id, session["user"], choice, request.form.get("note", "").strip())
         target = request.form.get("next_id", type=int)
-        filters = {k: v for k, v in request.form.items() if k in (*FILTERS, "from", "to") and v}
+        filters = WorklistFilter.from_args(request.form).as_args()
         if target:
             return redirect(url_for("study", study_id=target, **filters))
         return redirect(url_for("study", study_id=study_id, saved=1, **filters))
@@ -192,14 +167,20 @@ def create_app(settings: Settings, store: Store) -> Flask:
     @app.get("/verdicts.csv")
     @login_required
     def verdicts_csv():
-        buf = io.StringIO()
-        rows_ = store.verdict_rows()
         fields = ["id", "study_key", "patient_id", "accession_number", "reviewer", "verdict", "note", "created_at"]
-        writer = csv.DictWriter(buf, fieldnames=fields)
-        writer.writeheader()
-        for r in rows_:
-            writer.writerow({k: _csv_safe(r[k]) for k in fields})
-        return Response(buf.getvalue(), mimetype="text/csv",
+
+        def generate():
+            buf = io.StringIO()
+            rows = store.iter_verdict_rows()
+            write_csv([], fields, buf)
+            yield buf.getvalue()
+            for row in rows:
+                buf.seek(0)
+                buf.truncate()
+                csv_row(row, fields, buf)
+                yield buf.getvalue()
+
+        return Response(generate(), mimetype="text/csv",
                         headers={"Content-Disposition": "attachment; filename=verdicts.csv"})
 
     # --- images: by database id only ------------------------------------------------
@@ -221,9 +202,19 @@ def create_app(settings: Settings, store: Store) -> Flask:
     def overlay(prediction_id: int):
         return _send(store.overlay_file(prediction_id))
 
+    @app.get("/lungs/<int:image_id>")
+    @login_required
+    def lungs(image_id: int):
+        return _send(store.lungs_file(image_id))
+
     @app.get("/style.css")
     def style():
         return send_file(TEMPLATES_DIR / "style.css", mimetype="text/css", max_age=0)
+
+    @app.get("/favicon.svg")
+    @app.get("/favicon.ico")
+    def favicon():
+        return send_file(TEMPLATES_DIR / "favicon.svg", mimetype="image/svg+xml", max_age=86400)
 
     return app
 
@@ -233,21 +224,6 @@ def _safe_next(target: str | None) -> str:
     if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
         return target
     return ""
-
-
-def _date(text: str | None) -> str:
-    """'2026-11-24' or '20261124' -> '20261124' (DICOM DA); anything else -> ''."""
-    if not text:
-        return ""
-    digits = text.replace("-", "")
-    return digits if len(digits) == 8 and digits.isdigit() else ""
-
-
-def _csv_safe(value):
-    """Neutralise spreadsheet formulas in text cells (CSV injection)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
 
 
 def serve(settings: Settings, store: Store) -> None:
