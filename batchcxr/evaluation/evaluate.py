@@ -1,4 +1,10 @@
-"""`batchcxr evaluate`: a model against a labelled Kaggle-layout split, at its card's threshold."""
+"""`batchcxr evaluate`: a model against a labelled Kaggle-layout split, at its card's threshold.
+
+It runs what scoring runs - the ONNX scoring graph under ONNX Runtime, with the card's lung-field
+contract and calibration - and reports, besides accuracy and AUC, where the model looks (Grad-CAM
+mass inside the lung fields, where the peaks fall), how well its probabilities are calibrated
+(ECE, Brier score, a reliability plot) and how many images the quality gate would refuse.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +15,68 @@ from typing import Any
 
 import numpy as np
 
-from batchcxr.evaluation.metrics import CLASS_NAMES, binary_metrics, confusion_matrix, roc_curve
-from batchcxr.infer.models import LoadedModel
-from batchcxr.modelcard import write_card
+from batchcxr.evaluation.explain import gradcam_lung_metrics
+from batchcxr.evaluation.metrics import (
+    CLASS_NAMES,
+    binary_metrics,
+    brier_score,
+    confusion_matrix,
+    expected_calibration_error,
+    reliability,
+    roc_curve,
+)
+from batchcxr.modelcard import read_card, write_card
+from batchcxr.normalize.lungfield import check_lungs
+from batchcxr.paths import MODELS_DIR
 from batchcxr.training.data import file_list_sha256, list_split, load_images
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(model: LoadedModel, data_dir: Path, batch_size: int = 32) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Score every image of DIR/{NORMAL,PNEUMONIA}; return metrics, labels and scores."""
-    items = list_split(data_dir)
+def run_model(model, items, lung_dir: Path = MODELS_DIR / "lungs", batch_size: int = 32):
+    """A scoring model's outputs on labelled images as scoring makes them (lung contract, then
+    equalization inside ``run``): outputs, lung boxes, segmenter maps, labels."""
+    from batchcxr.infer.lungs import load_lung_model
+
     x, y = load_images(items)
-    scores = model.predict(x.astype(np.float32), batch_size=batch_size)
-    metrics = binary_metrics(y, scores, model.threshold)
+    lung = load_lung_model(lung_dir, threads=2)
+    x_in, boxes, lung_probs = lung.transform(x, model.lungs)
+    outputs = []
+    for i in range(0, len(x_in), batch_size):
+        outputs += model.run(x_in[i : i + batch_size], boxes[i : i + batch_size])
+    return outputs, boxes, lung_probs, y
+
+
+def evaluate(model_dir: Path, data_dir: Path, batch_size: int = 32, *, validation: bool = False,
+             lung_dir: Path = MODELS_DIR / "lungs") -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Score every image of DIR/{NORMAL,PNEUMONIA} (or, with ``validation``, the card's
+    patient-level validation split of the train folder DIR); return metrics, labels and the
+    probabilities (calibrated when the card has a calibration)."""
+    from batchcxr.infer.runtime import load_scoring_model
+    from batchcxr.training.threshold import validation_split
+
+    card = read_card(model_dir)
+    model = load_scoring_model(model_dir, threads=2)
+    items = validation_split(card, Path(data_dir)) if validation else list_split(data_dir)
+    outputs, boxes, lung_probs, y = run_model(model, items, lung_dir, batch_size)
+    raw = np.array([o.probability for o in outputs])
+    metrics = binary_metrics(y, raw, model.threshold)
     metrics["model"] = model.name
     metrics["model_version"] = model.version
-    metrics["data"] = Path(data_dir).name
+    metrics["data"] = "validation split of " + Path(data_dir).name if validation else Path(data_dir).name
     metrics["file_list_sha256"] = file_list_sha256(items, Path(data_dir))
+    metrics["calibration"] = {"raw": {"ece": round(expected_calibration_error(y, raw), 4),
+                                      "brier": round(brier_score(y, raw), 4)}}
+    scores = raw
+    if model.calibration is not None:
+        scores = np.array([o.calibrated for o in outputs])
+        metrics["calibration"]["calibrated"] = {"ece": round(expected_calibration_error(y, scores), 4),
+                                                "brier": round(brier_score(y, scores), 4),
+                                                "a": model.calibration[0], "b": model.calibration[1]}
+    metrics["calibration"]["reliability"] = reliability(y, scores)
+    metrics["gradcam"] = gradcam_lung_metrics([o.heatmap for o in outputs], boxes, lung_probs, y)
+    refused = [r for r in (check_lungs(p)[1].reason() for p in lung_probs) if r]
+    metrics["quality_gate"] = {"refused": len(refused), "of": len(y), "reasons": sorted(set(refused))[:5]}
     return metrics, y, scores
 
 
@@ -47,6 +97,23 @@ def format_metrics(m: dict[str, Any]) -> str:
         f"{'NORMAL':<10} {cm[0][0]:>9} {cm[0][1]:>9}",
         f"{'PNEUMONIA':<10} {cm[1][0]:>9} {cm[1][1]:>9}",
     ]
+    cal = m.get("calibration")
+    if cal:
+        lines.append(f"calibration: raw ECE {cal['raw']['ece']:.4f}, Brier {cal['raw']['brier']:.4f}"
+                     + (f"; calibrated ECE {cal['calibrated']['ece']:.4f}, Brier {cal['calibrated']['brier']:.4f}"
+                        if "calibrated" in cal else " (no calibration in the card)"))
+    g = m.get("gradcam")
+    if g:
+        lines.append(f"Grad-CAM mass inside the lung fields: mean {g['mass_in_lungs_mean']:.3f}, median "
+                     f"{g['mass_in_lungs_median']:.3f}; images with >= 70 % inside {g['share_with_70pct_in_lungs']:.3f}")
+        lines.append("Grad-CAM peak: " + ", ".join(f"{k} {v}" for k, v in sorted(g["peak_regions"].items())))
+        for name, c in g["by_class"].items():
+            lines.append(f"  {name:<10} mass inside {c['mass_in_lungs_mean']:.3f}, peak in the top-left sixteenth "
+                         f"{c['peak_in_top_left_sixteenth']:.3f}, peaks: "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(c["peak_regions"].items())))
+    q = m.get("quality_gate")
+    if q:
+        lines.append(f"quality gate: {q['refused']} of {q['of']} refused as not frontal chest radiographs")
     return "\n".join(lines)
 
 
@@ -85,7 +152,23 @@ def save_plots(y: np.ndarray, scores: np.ndarray, threshold: float, title: str, 
     fig.tight_layout()
     fig.savefig(cm_png, dpi=100)
     plt.close(fig)
-    return [roc_png, cm_png]
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    bins = [b for b in reliability(y, scores) if b["n"]]
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", label="perfect calibration")
+    ax.plot([b["mean_probability"] for b in bins], [b["observed"] for b in bins], "o-", lw=2,
+            label=f"ECE {expected_calibration_error(y, scores):.3f}")
+    for b in bins:
+        ax.annotate(str(b["n"]), (b["mean_probability"], b["observed"]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=8, color="grey")
+    ax.set(xlabel="predicted P(pneumonia)", ylabel="observed share with pneumonia", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability: {title}")
+    ax.legend(loc="upper left")
+    rel_png = out_dir / "reliability.png"
+    fig.tight_layout()
+    fig.savefig(rel_png, dpi=100)
+    plt.close(fig)
+    return [roc_png, cm_png, rel_png]
 
 
 def write_results(metrics: dict[str, Any], out_dir: Path) -> Path:
@@ -95,8 +178,8 @@ def write_results(metrics: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-def update_card(model: LoadedModel, metrics: dict[str, Any], command: str) -> None:
+def update_card(model_dir: Path, metrics: dict[str, Any], command: str, key: str = "test_metrics") -> None:
     """Put the metrics evaluate printed into the model card, with the command that made them."""
-    card = dict(model.card)
-    card["test_metrics"] = {**metrics, "command": command}
-    write_card(model.directory, card)
+    card = read_card(model_dir)
+    card[key] = {**metrics, "command": command}
+    write_card(model_dir, card)

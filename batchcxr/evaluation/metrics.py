@@ -144,3 +144,34 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict:
         "per_class": per_class,
         "confusion_matrix": {"labels": list(CLASS_NAMES), "rows_true_cols_predicted": cm.tolist()},
     }
+
+
+def reliability(y: np.ndarray, score: np.ndarray, bins: int = 10) -> list[dict]:
+    """Per equal-width probability bin: count, mean predicted probability, observed frequency."""
+    y, score = _check(y, score)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(score, edges[1:-1], right=False), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        sel = which == b
+        n = int(sel.sum())
+        out.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": n,
+                    "mean_probability": float(score[sel].mean()) if n else None,
+                    "observed": float(y[sel].mean()) if n else None})
+    return out
+
+
+def expected_calibration_error(y: np.ndarray, score: np.ndarray, bins: int = 10) -> float:
+    """ECE: the count-weighted mean |observed frequency - mean probability| over equal-width bins."""
+    y, score = _check(y, score)
+    total = 0.0
+    for b in reliability(y, score, bins):
+        if b["n"]:
+            total += b["n"] * abs(b["observed"] - b["mean_probability"])
+    return float(total / len(y))
+
+
+def brier_score(y: np.ndarray, score: np.ndarray) -> float:
+    """Mean squared difference between probability and outcome."""
+    y, score = _check(y, score)
+    return float(np.mean((score - y) ** 2))

@@ -20,6 +20,7 @@ import numpy as np
 
 from batchcxr.evaluation.metrics import binary_metrics, choose_threshold
 from batchcxr.modelcard import WEIGHTS_FILE, model_version, sha256_file, write_card
+from batchcxr.paths import MODELS_DIR
 from batchcxr.normalize.contract import PreprocessContract, finish_batch
 from batchcxr.training.architectures import (
     AugmentConfig,
@@ -77,6 +78,10 @@ class TrainConfig:
     """How validation patients are chosen (see ``patient_split``)."""
     label_smoothing: float = 0.0
     """Binary cross-entropy label smoothing (0: none)."""
+    lungs: str = "none"
+    """Lung-field contract of the input (normalize.lungfield.LUNG_CONTRACTS)."""
+    lung_model: Path | None = None
+    """The lung segmenter folder (models/lungs) when ``lungs`` is not none."""
 
 
 @dataclass
@@ -249,6 +254,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     log.info("train %d images, validation %d images (patient-level split)", len(train_items), len(val_items))
     x_tr, y_tr = load_images(train_items)
     x_va, y_va = load_images(val_items)
+    lung_card = None
+    if cfg.lungs != "none":
+        from batchcxr.infer.lungs import load_lung_model
+
+        lung = load_lung_model(cfg.lung_model or MODELS_DIR / "lungs", threads=2)
+        lung_card = {"name": lung.name, "version": lung.version}
+        x_tr = lung.transform(x_tr, cfg.lungs)[0]
+        x_va = lung.transform(x_va, cfg.lungs)[0]
+        log.info("inputs under the lung contract %r (%s)", cfg.lungs, lung.version)
     if cfg.equalize:
         x_tr = finish_batch(x_tr, True).astype(np.uint8)
         x_va = finish_batch(x_va, True).astype(np.uint8)
@@ -278,7 +292,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     hyper = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in asdict(cfg).items()
-        if k not in ("data_dir", "out_dir", "tflite_path", "augment", "equalize")
+        if k not in ("data_dir", "out_dir", "tflite_path", "augment", "equalize", "lungs", "lung_model")
     }
     hyper["augment"] = asdict(cfg.augment)
     hyper["optimizer"] = "Adam"
@@ -291,7 +305,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         "model": cfg.model,
         "version": model_version(out.name, digest),
         "architecture": {"summary": _architecture_summary(model, cfg), "parameters": int(model.count_params())},
-        "preprocessing": PreprocessContract(equalize=cfg.equalize).as_dict(),
+        "preprocessing": PreprocessContract(equalize=cfg.equalize, lungs=cfg.lungs).as_dict(),
+        **({"lung_model": lung_card} if lung_card else {}),
         "output": "P(PNEUMONIA), sigmoid; label PNEUMONIA when probability >= threshold",
         "threshold": {
             "value": threshold,
