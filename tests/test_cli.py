@@ -26,7 +26,9 @@ def test_score_demo_then_export(tmp_path):
     report = Path(first.stdout.strip().splitlines()[-1].removeprefix("report: "))
     assert report.is_file() and report.parent == tmp_path / "batchcxr-reports"
     again = _run("score", "demo", cwd=tmp_path)
-    assert "scored     0" in again.stdout and "unchanged  9" in again.stdout
+    assert "scored     0" in again.stdout and "unchanged  7" in again.stdout
+    assert "skipped earlier 1" in again.stdout and "lateral view" in again.stdout  # never counted as scored
+    assert again.stderr == ""  # quiet by default: no library INFO lines
     exported = _run("export", "--format", "json", cwd=tmp_path)
     rows = json.loads(exported.stdout)
     assert len(rows) == 14 and {r["model_name"] for r in rows} == {"cnn", "mobilenetv2"}

@@ -94,17 +94,15 @@ def test_review_flow_in_a_real_browser(site, page):
     page.wait_for_selector("#verdict-form")
     page.wait_for_load_state("load")  # app.js (end of body) has run: its handlers are attached
     study_url = page.url
-    # toggle the Grad-CAM overlay of a model and change its opacity
+    # both models' Grad-CAM overlays beside the plain image; the opacity slider changes them all
     section = page.locator(".viewer-section").first
-    overlay = section.locator("img.overlay")
-    assert overlay.is_hidden()
-    select = section.locator(".overlay-select")
-    select.select_option(index=1)
-    expect(overlay).to_have_attribute("src", re.compile(r"/overlay/\d+$"))  # waits for app.js's handler
-    overlay.wait_for(state="visible", timeout=10_000)  # has a box once loaded
-    assert overlay.evaluate("el => el.naturalWidth") > 0  # the overlay JPEG really loaded
+    overlays = section.locator("img.overlay")
+    expect(overlays).to_have_count(2)
+    for k in range(2):
+        expect(overlays.nth(k)).to_have_attribute("src", re.compile(r"/overlay/\d+$"))
+        assert overlays.nth(k).evaluate("el => el.complete && el.naturalWidth") > 0  # the layer really loaded
     section.locator(".opacity").fill("40")
-    assert overlay.evaluate("el => getComputedStyle(el).opacity") == "0.4"
+    assert overlays.nth(1).evaluate("el => getComputedStyle(el).opacity") == "0.4"
     page.screenshot(path=str(SCREENSHOTS / "study.png"), full_page=True)
     # record a verdict with a note; it is kept after a reload
     page.fill("#note", "right lower lobe consolidation")

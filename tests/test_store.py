@@ -1,0 +1,115 @@
+"""The Store on SQLite and on a real PostgreSQL: migrations, idempotent upserts, values that do not
+fit, claims, file records."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchcxr.domain import FileKind, ImageInfo, ImageStatus, ModelOutput, PreparedImage, SourceFile, StudyInfo
+from batchcxr.store.repo import ScoredImage, Store
+
+
+def _item(k: int, study: str = "1.2.3", **image) -> ScoredImage:
+    source = SourceFile(Path(f"/in/{k}.dcm"), FileKind.DICOM, f"{k:064x}", 100 + k, 1, 1000 + k, 10**18 + k)
+    prepared = PreparedImage(source, StudyInfo(study, patient_name="Doe^Jane", patient_id="P1"),
+                             ImageInfo(**{"sop_instance_uid": f"1.2.3.{k}", "modality": "DX", **image}),
+                             None, np.zeros((224, 224, 1), np.uint8), ["note"], display_file=f"images/{k}.jpg")
+    outputs = [ModelOutput(m, f"{m}-v1", 0.1 * k % 1, 0.5, np.zeros((7, 7), np.float32)) for m in ("cnn", "mnv2")]
+    return ScoredImage(prepared, outputs, f"images/{k}.jpg", {o.model_name: f"images/{k}-{o.model_name}.png"
+                                                               for o in outputs})
+
+
+@pytest.fixture
+def store(db_url):
+    s = Store.open(db_url)
+    yield s
+    s.close()
+
+
+def test_migrations_build_the_schema_the_code_declares(db_url):
+    """Alembic's upgrade on an empty database gives exactly the tables, columns and indexes of
+    store/schema.py (what autogenerate would compare), on SQLite and PostgreSQL."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from batchcxr.store.schema import Base
+
+    store = Store.open(db_url)
+    try:
+        with store.engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        meaningful = [d for d in diff if not (isinstance(d, list) and d and d[0][0] == "modify_default")]
+        assert meaningful == [], meaningful
+    finally:
+        store.close()
+
+
+def test_writing_a_batch_twice_leaves_one_row_of_each(store):
+    items = [_item(k) for k in range(1, 6)]
+    assert store.record_scored(store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"]), items) == []
+    run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
+    assert store.record_scored(run, items) == []  # a rerun after a crash, or a second process
+    rows = store.prediction_rows()
+    assert len(rows) == 10 and len({(r["content_sha256"], r["model_version"]) for r in rows}) == 10
+    (study,) = store.studies()
+    assert study.n_images == 5 and study.max_score == pytest.approx(0.5) and study.results["cnn"][1] == "PNEUMONIA"
+
+
+def test_values_too_long_for_their_columns_are_cut_with_a_note(store):
+    run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
+    long_uid = "1.2." + "9" * 300
+    bad = _item(7, study=long_uid, view_position="A" * 22, modality="DX-WITH-A-VERY-LONG-NAME",
+                sop_instance_uid="1." * 150)
+    good = _item(8)
+    assert store.record_scored(run, [bad, good]) == []
+    images = {i.content_sha256: i for s in store.studies() for i in s.images}
+    cut = images[f"{7:064x}"]
+    assert len(cut.view_position) == 16 and len(cut.modality) == 16 and len(cut.sop_instance_uid) <= 128
+    assert "view_position cut to 16 of 22 characters" in cut.qc_notes
+    keys = {s.study_key for s in store.studies()}
+    assert any(len(k) <= 255 and k.startswith("1.2.999") for k in keys)  # same long UID -> same study
+    assert store.record_scored(run, [_item(9, study=long_uid)]) == []
+    assert len(store.studies()) == 2
+
+
+def test_nul_and_control_characters_are_stored_cleaned(store):
+    run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
+    item = _item(3)
+    p = item.prepared
+    evil = dataclasses.replace(p, study=dataclasses.replace(p.study, patient_name="Doe\x00^Jane\x1b[31m",
+                                                            study_description="line1\nline2"))
+    assert store.record_scored(run, [dataclasses.replace(item, prepared=evil)]) == []
+    (study,) = store.studies()
+    assert study.patient_name == "Doe^Jane[31m" and study.study_description == "line1\nline2"
+
+
+def test_claims_keep_two_processes_off_the_same_file(store):
+    paths = [f"/drop/{k}.dcm" for k in range(4)]
+    assert store.claim(paths[:3], "hostA:1") == set(paths[:3])
+    assert store.claim(paths, "hostB:2") == {paths[3]}  # the others are held by A
+    assert store.claim_owners(paths[:1]) == {paths[0]: "hostA:1"}
+    store.release(paths[:1], "hostA:1")
+    assert store.claim(paths[:1], "hostB:2") == {paths[0]}
+    assert store.claim(paths[1:2], "hostB:2", ttl_s=0) == set()  # A's claim has not expired
+    store.claim(paths[1:2], "hostA:1", ttl_s=-1)  # A renews with an expiry in the past
+    assert store.claim(paths[1:2], "hostB:2") == {paths[1]}  # an expired claim can be taken over
+    assert store.release_dead_claims("hostA", lambda pid: False) == 1  # A's last claim (paths[2])
+
+
+def test_file_records_know_a_file_by_its_identity(store):
+    from batchcxr.ingest.files import FileIdentity
+
+    run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
+    item = _item(4)
+    store.record_scored(run, [item])
+    src = item.prepared.source
+    same = FileIdentity(src.device, src.inode, src.size, src.mtime_ns)
+    assert store.known_paths([(str(src.path), same)])[str(src.path)].status == "scored"
+    touched = dataclasses.replace(same, mtime_ns=same.mtime_ns + 1)
+    assert store.known_paths([(str(src.path), touched)]) == {}
+    store.record_moves([(str(src.path), "/archive/4.dcm")])
+    assert store.known_paths([("/archive/4.dcm", same)])["/archive/4.dcm"].sha256 == src.sha256
