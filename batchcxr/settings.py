@@ -37,9 +37,20 @@ class QualitySettings:
     """ViewPosition values skipped as lateral views."""
     min_size: int = 64
     """Images with fewer rows or columns are skipped."""
-    max_pixels: int = 80_000_000
-    """Refuse (fail) images whose declared rows x columns x frames x samples exceed this, before decoding."""
+    max_pixels: int = 50_000_000
+    """Refuse (fail) images whose declared rows x columns (x frames) exceed this, before decoding."""
+    max_decoded_bytes: int = 200_000_000
+    """Refuse (fail) images whose full-size decoded frame would exceed this many bytes."""
+    max_file_bytes: int = 256 * 1024 * 1024
+    """Refuse (fail) files larger than this before reading them (and deflated data sets that
+    inflate to more)."""
     allow_multiframe: bool = False
+    require_chest: bool = True
+    """Skip images that do not look like a frontal chest radiograph: colour pictures, and images
+    where the lung segmenter finds no plausible pair of lung fields (normalize.lungfield)."""
+    max_colourfulness: float = 12.0
+    """Colour images more colourful than this (Hasler-Suesstrunk, 0..255 scale; grey is 0, a
+    colour photo 20-100) are skipped as not radiographs, when require_chest is on."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,12 @@ class WatchSettings:
     heartbeat_seconds: float = 5.0
     stop_timeout_seconds: float = 60.0
     """On SIGTERM/SIGINT: finish the batch in hand, then exit; a second signal exits at once."""
+    retry_max_seconds: float = 60.0
+    """While a volume or the database is at fault (disk full, locked, unreachable, not writable),
+    retry after 1, 2, 4 ... seconds, at most this long apart, until the fault clears."""
+    status_file: str = ""
+    """A JSON copy of the heartbeat for `batchcxr status`, readable when the database is not
+    (relative paths: under the drop folder's parent); empty: beside a SQLite database file."""
 
 
 @dataclass(frozen=True)
@@ -103,8 +120,15 @@ class Settings:
     model_threads: int = 0
     """ONNX Runtime threads per model; the models run side by side (0: the cores the decode
     workers leave, shared among the models, at least one)."""
+    lung_model: Path = MODELS_DIR / "lungs"
+    """The lung-field segmenter (quality gate, lung contracts of the classifiers, report outlines)."""
     lock_file: Path = Path("batchcxr-score.lock")
     """`batchcxr score --since` (the nightly job) holds this lock so two runs never overlap."""
+    ignore: tuple[str, ...] = ("README*", "*.md", "Thumbs.db", "desktop.ini")
+    """File names never looked at (shell patterns): notes that travel with exported folders."""
+    db_busy_timeout_seconds: float = 5.0
+    """SQLite: how long a write waits for another process's lock before it counts as a fault (the
+    watcher then retries with back-off). Signals wait for the end of such a wait, so keep it short."""
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -147,6 +171,8 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
         current = getattr(obj, key)
         if key == "models":
             changes[key] = tuple(Path(v).expanduser() for v in (value.split(",") if isinstance(value, str) else value))
+        elif key == "lung_model":
+            changes[key] = Path(value).expanduser()
         elif isinstance(current, (QualitySettings, WatchSettings, WebSettings)):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {key} must be a table")
