@@ -432,7 +432,13 @@ class Watcher:
                     del self.to_move[path]
                     continue
                 rel = Path(os.path.abspath(path)).relative_to(self.drop)
-                target = move_into(path, target_dir, rel)
+                try:
+                    target = move_into(path, target_dir, rel)
+                except FileNotFoundError:
+                    if os.path.lexists(path):
+                        raise  # the target folder's file system is the problem
+                    del self.to_move[path]  # another watcher of this folder moved it first
+                    continue
                 del self.to_move[path]
                 moves.append((str(path), str(target)))
                 if failed:

@@ -29,12 +29,12 @@ def models():
 
 
 @pytest.fixture
-def make_scorer(tmp_path, models):
+def make_scorer(tmp_path, models, db_url):
+    """Scorers on the test's database: every test using it runs on SQLite and on PostgreSQL."""
     stores = []
 
     def make(**overrides) -> Scorer:
-        settings = Settings(**{"db_url": str(tmp_path / "results.sqlite"), "reports_dir": tmp_path / "reports",
-                               **overrides})
+        settings = Settings(**{"db_url": db_url, "reports_dir": tmp_path / "reports", **overrides})
         store = Store.open(settings.sqlalchemy_url)
         stores.append(store)
         return Scorer(settings, store, models)

@@ -41,8 +41,8 @@ def layout(tmp_path):
     return tmp_path, drop
 
 
-def _watcher(tmp_path: Path, drop: Path, models, **watch) -> Watcher:
-    settings = Settings(db_url=str(tmp_path / "r.sqlite"), reports_dir=tmp_path / "reports",
+def _watcher(tmp_path: Path, drop: Path, models, db_url: str | None = None, **watch) -> Watcher:
+    settings = Settings(db_url=db_url or str(tmp_path / "r.sqlite"), reports_dir=tmp_path / "reports",
                         watch=WatchSettings(archive_dir=str(tmp_path / "archive"),
                                             quarantine_dir=str(tmp_path / "quarantine"), **{**FAST, **watch}))
     return Watcher(Scorer(settings, Store.open(settings.sqlalchemy_url), models), drop)
@@ -62,13 +62,13 @@ def _write_slowly(path: Path, data: bytes, chunks: int = 4, pause: float = 0.5) 
 
 
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
-def test_slow_writes_and_part_renames_are_scored_once(layout, models, polling):
+def test_slow_writes_and_part_renames_are_scored_once(layout, models, polling, db_url):
     tmp_path, drop = layout
     src = tmp_path / "src"
     slow = dicom_file(src / "slow.dcm", chest_like(seed=1)).read_bytes()
     renamed = dicom_file(src / "renamed.dcm", chest_like(seed=2)).read_bytes()
     picture = jpeg_file(src / "pic.jpg", chest_like(seed=3)).read_bytes()
-    watcher = _watcher(tmp_path, drop, models, polling=polling)
+    watcher = _watcher(tmp_path, drop, models, db_url, polling=polling)
 
     def writer():
         (drop / "a").mkdir()
@@ -94,10 +94,10 @@ def test_slow_writes_and_part_renames_are_scored_once(layout, models, polling):
     assert watcher.scorer.store.errors() == []  # nothing failed for being incomplete
 
 
-def test_study_arriving_over_time_is_rescored_and_its_report_updated(layout, models):
+def test_study_arriving_over_time_is_rescored_and_its_report_updated(layout, models, db_url):
     tmp_path, drop = layout
     study = "1.2.826.0.1.3680043.8.498.42"
-    watcher = _watcher(tmp_path, drop, models)
+    watcher = _watcher(tmp_path, drop, models, db_url)
     dicom_file(drop / "one.dcm", chest_like(seed=5), StudyInstanceUID=study, PatientName="Over^Time")
     watcher.run(max_idle_seconds=2.0)
     page = next((tmp_path / "reports" / "studies").glob("*.html"))
@@ -110,9 +110,9 @@ def test_study_arriving_over_time_is_rescored_and_its_report_updated(layout, mod
     assert len(studies) == 1 and len(studies[0].images) == 2
 
 
-def test_failed_file_is_quarantined_with_error_json(layout, models):
+def test_failed_file_is_quarantined_with_error_json(layout, models, db_url):
     tmp_path, drop = layout
-    watcher = _watcher(tmp_path, drop, models, incomplete_timeout_seconds=1.0)
+    watcher = _watcher(tmp_path, drop, models, db_url, incomplete_timeout_seconds=1.0)
     good = jpeg_file(tmp_path / "g.jpg").read_bytes()
     (drop / "broken.jpg").write_bytes(good[: len(good) // 2])  # never completes
     (drop / "notes.txt").write_text("hello")
@@ -251,3 +251,39 @@ def test_nightly_lock_refuses_a_second_run(tmp_path):
         out = subprocess.run([sys.executable, "-m", "batchcxr.cli", "score", str(tmp_path / "in"), "--config",
                               str(cfg), "--since", "24h"], capture_output=True, text=True)
     assert out.returncode == 3 and "another run holds" in out.stderr
+
+
+def test_two_watchers_and_a_nightly_job_on_one_postgresql_database(tmp_path, pg_url):
+    """Two daemons watching one drop folder (as two machines would on a share) and a nightly run over
+    it, all writing one PostgreSQL database while files arrive: every file scored exactly once."""
+    from tests.helpers import cli, daemon, write_config
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    cfg = write_config(tmp_path, db_url=pg_url)
+    procs = [daemon(cfg, drop, log=tmp_path / f"watch{k}.log") for k in range(2)]
+    n = 20
+    datas = [dicom_file(tmp_path / "src" / f"p{i}.dcm", chest_like(seed=500 + i)).read_bytes() for i in range(n)]
+    try:
+        for i, data in enumerate(datas):
+            part = drop / f"s{i % 6}" / f"p{i}.dcm.part"
+            part.parent.mkdir(exist_ok=True)
+            part.write_bytes(data)
+            part.rename(part.with_suffix(""))
+            if i == n // 2:
+                nightly = cli("score", str(drop), "--config", str(cfg), "--since", "24h")
+                assert nightly.returncode == 0 and "failed     0" in nightly.stdout, nightly.stdout + nightly.stderr
+        wait_until(lambda: len(list((tmp_path / "archive").rglob("*.dcm"))) >= n and not list(drop.rglob("*.dcm")),
+                   240, what="all files archived")
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+    archived = sorted(_sha(p) for p in (tmp_path / "archive").rglob("*.dcm"))
+    assert archived == sorted(hashlib.sha256(d).hexdigest() for d in datas)  # each once: no name.1.dcm copies
+    store = Store.open(pg_url)
+    with store.session() as s:
+        assert s.scalar(select(func.count(Prediction.id))) == 2 * n
+        assert s.scalar(select(func.count(Image.id)).where(Image.status == "scored")) == n
+    assert store.errors() == []
+    store.close()

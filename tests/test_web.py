@@ -29,14 +29,21 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def site(request, tmp_path_factory):
+    """The review app over the demo (and a hostile study), on SQLite and on PostgreSQL."""
     tmp = tmp_path_factory.mktemp("web")
+    if request.param == "sqlite":
+        db = str(tmp / "r.sqlite")
+    else:
+        from tests.conftest import new_pg_database
+
+        db = new_pg_database(request.getfixturevalue("postgres_server"))
     inputs = tmp / "inputs"
     shutil.copytree(DEMO_DIR, inputs / "demo")
     dicom_file(inputs / "evil.dcm", chest_like(seed=9), PatientName=PAYLOAD, StudyDescription=PAYLOAD,
                PatientID="EVIL-1")
-    settings = Settings(db_url=str(tmp / "r.sqlite"), reports_dir=tmp / "reports",
+    settings = Settings(db_url=db, reports_dir=tmp / "reports",
                         web=WebSettings(users={"alice": generate_password_hash("correct horse")},
                                         secret_key="test-secret", session_minutes=5))
     store = Store.open(settings.sqlalchemy_url)
