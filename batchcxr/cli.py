@@ -437,6 +437,24 @@ def _parse_since(text: str) -> float:
 
 
 @main.command()
+@config_option
+@db_option
+@click.option("--reports", "reports_dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--rebuild", is_flag=True, help="Write every study page again (after an upgrade), in chunks of 200.")
+def report(config: Path | None, db_url: str | None, reports_dir: Path | None, rebuild: bool) -> None:
+    """Bring the static report folder up to date (runs do this themselves; --rebuild renders all)."""
+    from batchcxr.report.render import ReportWriter
+
+    settings = _settings(config, db_url=db_url, reports_dir=reports_dir)
+    store = _open_store(settings)
+    if rebuild:
+        click.echo(f"{store.mark_all_stale()} study pages to write", err=True)
+    index = ReportWriter(settings.reports_dir, settings.quality.lateral_views).write_pending(store)
+    store.close()
+    click.echo(f"report: {index.resolve()}")
+
+
+@main.command()
 @click.argument("drop_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @config_option
 @db_option

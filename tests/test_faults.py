@@ -443,14 +443,13 @@ def test_nightly_job_on_the_drop_folder_while_the_daemon_runs(tmp_path):
     assert archived == sorted(hashlib.sha256(d).hexdigest() for d in datas)
 
 
-def _peak_rss_mb(args: list[str]) -> tuple[int, float, str]:
-    """Run a command; its exit code, its peak RSS in MB (the largest of it and its children,
-    from wait4's rusage) and its output."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read()
-    _, status_, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status_)
-    return proc.returncode, usage.ru_maxrss / 1024, out
+def _peak_rss_mb(args: list[str], tmp_path: Path) -> tuple[int, float, str]:
+    """Run ``python -m batchcxr.cli ARGS``; its exit code, its own peak RSS in MB (VmHWM, through
+    benchmarks.peak) and its output."""
+    out_file = tmp_path / "peak.txt"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.peak", str(out_file), "batchcxr.cli", *args],
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, float(out_file.read_text()), proc.stdout + proc.stderr
 
 
 def test_bombs_are_refused_before_decoding_and_memory_stays_under_1_gb(tmp_path):
@@ -465,8 +464,8 @@ def test_bombs_are_refused_before_decoding_and_memory_stays_under_1_gb(tmp_path)
     for p in folder.rglob("*"):
         os.utime(p, (old, old))
     assert max(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 2_000_000
-    rc, rss, out = _peak_rss_mb([sys.executable, "-m", "batchcxr.cli", "score", str(folder), "--db",
-                                 str(tmp_path / "r.sqlite"), "--reports", str(tmp_path / "rep")])
+    rc, rss, out = _peak_rss_mb(["score", str(folder), "--db", str(tmp_path / "r.sqlite"), "--reports",
+                                 str(tmp_path / "rep")], tmp_path)
     assert rc == 1, out  # failed files, recorded
     assert rss < 1024, f"peak RSS {rss:.0f} MB"
     store = Store.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
@@ -482,8 +481,8 @@ def test_bombs_are_refused_before_decoding_and_memory_stays_under_1_gb(tmp_path)
         if p.is_file():
             os.rename(p, tmp_path / "drop" / p.name)
     cfg = write_config(tmp_path, db_url=f"sqlite:///{tmp_path / 'w.sqlite'}")
-    rc, rss, out = _peak_rss_mb([sys.executable, "-m", "batchcxr.cli", "watch", str(tmp_path / "drop"),
-                                 "--config", str(cfg), "--max-idle", "3"])
+    rc, rss, out = _peak_rss_mb(["watch", str(tmp_path / "drop"), "--config", str(cfg), "--max-idle", "3"],
+                                tmp_path)
     assert rc == 0, out
     assert rss < 1024, f"watcher peak RSS {rss:.0f} MB"
     assert len(list((tmp_path / "quarantine").glob("*.error.json"))) == 4

@@ -43,8 +43,8 @@ def layout(tmp_path):
 
 def _watcher(tmp_path: Path, drop: Path, models, db_url: str | None = None, **watch) -> Watcher:
     settings = Settings(db_url=db_url or str(tmp_path / "r.sqlite"), reports_dir=tmp_path / "reports",
-                        watch=WatchSettings(archive_dir=str(tmp_path / "archive"),
-                                            quarantine_dir=str(tmp_path / "quarantine"), **{**FAST, **watch}))
+                        watch=WatchSettings(**{"archive_dir": str(tmp_path / "archive"),
+                                               "quarantine_dir": str(tmp_path / "quarantine"), **FAST, **watch}))
     return Watcher(Scorer(settings, Store.open(settings.sqlalchemy_url), models), drop)
 
 
@@ -287,3 +287,22 @@ def test_two_watchers_and_a_nightly_job_on_one_postgresql_database(tmp_path, pg_
         assert s.scalar(select(func.count(Image.id)).where(Image.status == "scored")) == n
     assert store.errors() == []
     store.close()
+
+
+def test_a_restart_never_reads_or_renders_files_it_handled(layout, models, db_url):
+    """Inputs left in place (no archive): a restarted watcher knows them by their identity and
+    neither reads, decodes nor re-renders them."""
+    tmp_path, drop = layout
+    for i in range(6):
+        dicom_file(drop / f"k{i}.dcm", chest_like(seed=1200 + i))
+    first = _watcher(tmp_path, drop, models, db_url, archive_dir="")
+    first.run(max_idle_seconds=1.5)
+    runs = len(first.store.recent_runs(100))
+    images = {p: p.stat().st_mtime_ns for p in (tmp_path / "reports" / "images").iterdir()}
+    first.store.close()
+    second = _watcher(tmp_path, drop, models, db_url, archive_dir="")
+    second.run(max_idle_seconds=2.5)  # several rescans
+    assert len(second.store.recent_runs(100)) == runs  # no batch: nothing was read or scored
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "reports" / "images").iterdir()} == images
+    assert len(list(drop.glob("*.dcm"))) == 6
+    second.store.close()

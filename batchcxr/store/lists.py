@@ -138,6 +138,11 @@ class StudyLists:
             for sid, updated in rows:
                 s.execute(update(Study).where(Study.id == sid, Study.updated_at == updated).values(report_stale=False))
 
+    def mark_all_stale(self) -> int:
+        """Every study page to be written again (after an upgrade of the templates)."""
+        with self.session() as s, s.begin():
+            return s.execute(update(Study).values(report_stale=True)).rowcount
+
     def bucket_studies(self, bucket: int) -> list[Study]:
         """The studies of one static list page (ids in the bucket), in worklist order."""
         lo, hi = (bucket - 1) * BUCKET + 1, bucket * BUCKET

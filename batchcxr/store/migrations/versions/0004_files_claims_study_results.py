@@ -26,7 +26,9 @@ def upgrade() -> None:
         b.add_column(sa.Column('disagree', sa.Boolean(), nullable=False, server_default=sa.false()))
         b.add_column(sa.Column('n_images', sa.Integer(), nullable=False, server_default='0'))
         b.add_column(sa.Column('results', sa.JSON(), nullable=True))
-        b.add_column(sa.Column('report_stale', sa.Boolean(), nullable=False, server_default=sa.true()))
+        # pages written before this revision exist (every run rewrote them all): not stale; `batchcxr report
+        # --rebuild` renders them anew
+        b.add_column(sa.Column('report_stale', sa.Boolean(), nullable=False, server_default=sa.false()))
         b.create_index('ix_studies_max_score', ['max_score', 'id'])
         b.create_index('ix_studies_study_date', ['study_date'])
         b.create_index('ix_studies_report_stale', ['report_stale'])
