@@ -32,11 +32,11 @@ def _setup_logging(verbose: bool) -> None:
     """Quiet by default: batchcxr's own INFO lines, only warnings from libraries (alembic, ONNX
     Runtime, watchdog...); ``-v``: batchcxr's DEBUG lines and libraries' INFO lines."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from batchcxr.logs import SafeFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     logging.getLogger("batchcxr").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -49,6 +49,7 @@ LONG_RUNNING = {"watch", "score", "listen", "pull", "send"}
 @click.pass_context
 def main(ctx: click.Context, verbose: bool) -> None:
     """Bulk pneumonia scoring of chest X-rays. Not for diagnostic use."""
+    os.umask(0o077)  # everything batchcxr writes may hold patient data: owner only
     _setup_logging(verbose)
     if ctx.invoked_subcommand not in LONG_RUNNING:
         EARLY.restore_defaults()
@@ -538,27 +539,101 @@ def status(config: Path | None, db_url: str | None, stale_after: float, backlog_
 @click.option("--host", default=None, help="Address to bind [default: 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Port [default: 8080].")
 def serve(config: Path | None, db_url: str | None, host: str | None, port: int | None) -> None:
-    """The review app: worklist, study viewer with Grad-CAM overlays, verdicts (login required)."""
-    from batchcxr.store.repo import Store
+    """The review app: worklist, study viewer with Grad-CAM overlays, verdicts (login required).
+
+    Refuses to start with unsafe settings (a short or example secret key, weak password hashes,
+    a non-loopback address without TLS or behind_tls_proxy)."""
+    from batchcxr.errors import ConfigError
     from batchcxr.web.app import serve as run_server
+    from batchcxr.web.security import check_web_settings
 
     web = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = _settings(config, db_url=db_url, web=web or None)
     if not settings.web.users:
         raise click.UsageError("no reviewers configured: add [batchcxr.web.users] name = \"<hash>\" "
                                "to the config (batchcxr hash-password makes the hash)")
-    store = Store.open(settings.sqlalchemy_url)
-    click.echo(f"serving http://{settings.web.host}:{settings.web.port}/ (Ctrl-C to stop)", err=True)
+    try:
+        check_web_settings(settings.web)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    store = _open_store(settings)
+    scheme = "https" if settings.web.tls_cert else "http"
+    click.echo(f"serving {scheme}://{settings.web.host}:{settings.web.port}/ (Ctrl-C to stop)", err=True)
     run_server(settings, store)
 
 
 @main.command("hash-password")
-@click.password_option(help="The password (asked for when omitted).")
-def hash_password(password: str) -> None:
-    """Print a password hash for [batchcxr.web.users] in the config."""
+def hash_password() -> None:
+    """Print a password hash (scrypt) for [batchcxr.web.users] in the config. The password is read
+    from the terminal (asked twice), or from the first line of standard input - never from the
+    command line, where other users and the shell history would see it."""
+    import getpass
+
     from werkzeug.security import generate_password_hash
 
-    click.echo(generate_password_hash(password))
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat: ") != password:
+            raise click.UsageError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 12:
+        raise click.UsageError("use at least 12 characters")
+    click.echo(generate_password_hash(password, method="scrypt:32768:8:1"))
+
+
+@main.group()
+def sessions() -> None:
+    """Review-app sessions (kept in the database)."""
+
+
+@sessions.command("list")
+@config_option
+@db_option
+def sessions_list(config: Path | None, db_url: str | None) -> None:
+    """The live sessions: user, address, since, last seen."""
+    store = _open_store(_settings(config, db_url=db_url))
+    for si in store.live_web_sessions():
+        click.echo(f"{si.user}\t{si.address}\tsince {si.created_at:%Y-%m-%d %H:%M}\tlast seen {si.last_seen_at:%H:%M:%S}")
+    store.close()
+
+
+@sessions.command("revoke")
+@click.argument("user")
+@config_option
+@db_option
+def sessions_revoke(user: str, config: Path | None, db_url: str | None) -> None:
+    """End every session of USER at once."""
+    import getpass
+
+    store = _open_store(_settings(config, db_url=db_url))
+    n = store.revoke_web_sessions(user)
+    store.audit("sessions_revoke", user=f"cli:{getpass.getuser()}", target=user, detail=f"{n} sessions")
+    store.close()
+    click.echo(f"{n} sessions of {user} ended")
+
+
+@main.command()
+@config_option
+@db_option
+@click.option("--since", default="7d", show_default=True, metavar="AGE|DATE", help="24h, 7d, or a date.")
+@click.option("--user", default=None, help="Only this user's events.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit(config: Path | None, db_url: str | None, since: str, user: str | None, as_json: bool) -> None:
+    """The audit log: who (user, address), when, what (logins, pages, images, verdicts, exports)."""
+    import datetime as dt
+    import json
+
+    store = _open_store(_settings(config, db_url=db_url))
+    cutoff = dt.datetime.fromtimestamp(_parse_since(since), dt.timezone.utc).replace(tzinfo=None)
+    for e in store.audit_events(cutoff, user):
+        if as_json:
+            click.echo(json.dumps({"at": e.at.isoformat(), "user": e.user, "address": e.address, "action": e.action,
+                                   "target": e.target, "detail": e.detail}))
+        else:
+            click.echo(f"{e.at:%Y-%m-%d %H:%M:%S} {e.user or '-':<12} {e.address or '-':<15} {e.action:<16} "
+                       f"{e.target} {e.detail}".rstrip())
+    store.close()
 
 
 @main.command()
@@ -573,10 +648,13 @@ def export(config: Path | None, db_url: str | None, fmt: str, out_file: Path | N
     CSV cells that a spreadsheet would read as formulas are neutralised (a leading apostrophe,
     every cell quoted)."""
     from batchcxr.export import write_csv, write_json
-    from batchcxr.store.repo import PREDICTION_FIELDS, Store
+    from batchcxr.store.repo import PREDICTION_FIELDS
+
+    import getpass
 
     settings = _settings(config, db_url=db_url)
-    store = Store.open(settings.sqlalchemy_url)
+    store = _open_store(settings)
+    store.audit("cli_export", user=f"cli:{getpass.getuser()}", target=str(out_file or "stdout"), detail=fmt)
     rows = store.iter_prediction_rows()
     out = sys.stdout if out_file is None else open(out_file, "w", newline="", encoding="utf-8")
     try:

@@ -11,15 +11,23 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+_AFTER_DELIMITER = re.compile(r"([,;\t|])(\s*)(?=[=+\-@\r])")
 
 
 def neutralise(value: Any) -> Any:
-    """A text value safe to open in a spreadsheet; other values unchanged."""
-    if isinstance(value, str) and (value[:1] in FORMULA_TRIGGERS or value.lstrip(" ")[:1] in FORMULA_TRIGGERS):
+    """A text value safe to open in a spreadsheet, whatever delimiter it is opened with: a leading
+    formula trigger gets an apostrophe, and so does one right after a character a spreadsheet may
+    take as the delimiter (``a;=1+1`` opened with ``;`` would start a cell ``=1+1``). Other values
+    unchanged."""
+    if not isinstance(value, str):
+        return value
+    value = _AFTER_DELIMITER.sub(r"\1\2'", value)
+    if value[:1] in FORMULA_TRIGGERS or value.lstrip(" ")[:1] in FORMULA_TRIGGERS:
         return "'" + value
     return value
 

@@ -96,8 +96,22 @@ class WebSettings:
     session_minutes: int = 30
     """Idle sessions expire after this many minutes."""
     secret_key: str = ""
-    """Signs session cookies; empty: a random key per start (everyone logs in again after a restart)."""
+    """Signs session cookies (at least 32 bytes); empty: a random key per start (everyone logs in again
+    after a restart)."""
+    session_max_hours: float = 12.0
+    """A session ends this long after login, however active (idle sessions end after session_minutes)."""
     page_size: int = 50
+    tls_cert: str = ""
+    """PEM certificate (chain) to serve HTTPS directly; with tls_key."""
+    tls_key: str = ""
+    behind_tls_proxy: bool = False
+    """A TLS-terminating proxy is in front: cookies are Secure and HSTS is sent (needed to bind to a
+    non-loopback address without tls_cert/tls_key)."""
+    login_attempts: int = 5
+    """Failed logins (per user name and per client address) before each further try must wait."""
+    lockout_max_seconds: float = 900.0
+    """The wait after repeated failures doubles up to this."""
+    threads: int = 8
 
 
 @dataclass(frozen=True)

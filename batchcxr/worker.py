@@ -42,6 +42,7 @@ from batchcxr.errors import FileChanged, FileTooLarge, FileVanished, NotRegularF
 from batchcxr.ingest.complete import is_complete, is_temporary
 from batchcxr.ingest.files import FileIdentity, move_into, read_regular, walk
 from batchcxr.ingest.watch import start_observer
+from batchcxr.logs import escape_controls
 from batchcxr.pipeline import FileOutcome, RunSummary, Scorer, folder_key
 from batchcxr.report.render import atomic_write
 from batchcxr.signals import Stop, StopNow, process_alive
@@ -110,10 +111,9 @@ def study_key_of(path: Path, data: bytes, root: Path) -> str:
 
 
 def safe_text(value: object) -> str:
-    """A value for a log line: control characters (a newline in a folder name...) escaped, so
-    no file or DICOM value can forge a log line."""
-    text = str(value)
-    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    """A value for a log line with control characters escaped (a newline in a folder name must not
+    forge a log line, whatever formatter a caller uses)."""
+    return escape_controls(str(value))
 
 
 class Watcher:

@@ -45,7 +45,7 @@ def site(request, tmp_path_factory):
                PatientID="EVIL-1")
     settings = Settings(db_url=db, reports_dir=tmp / "reports",
                         web=WebSettings(users={"alice": generate_password_hash("correct horse")},
-                                        secret_key="test-secret", session_minutes=5))
+                                        secret_key="t" * 40, session_minutes=5))
     store = Store.open(settings.sqlalchemy_url)
     scorer = Scorer(settings, store, [load_scoring_model(MODELS_DIR / m) for m in ("cnn", "mobilenetv2")])
     scorer.score_tree(inputs)

@@ -127,6 +127,9 @@ class ImageView:
     results: list[ModelResult] = field(default_factory=list)
     lungs: str = ""
     """The lung-outline layer, relative to the reports folder."""
+    patient_id: str = ""
+    patient_name: str = ""
+    """What this file says about its patient (shown when the study has a conflict)."""
 
     @property
     def disagree(self) -> bool:
@@ -145,6 +148,8 @@ class StudyFields:
     accession_number: str
     study_date: str
     study_description: str
+    conflict: str = ""
+    """Images of this study name different patients (kept as recorded, flagged on every page)."""
 
     @property
     def title(self) -> str:
@@ -207,7 +212,7 @@ class StudyView(StudyFields):
 def _fields(study: Study) -> dict[str, Any]:
     return dict(id=study.id, key=study.study_key, slug=study_slug(study.study_key), patient_name=study.patient_name,
                 patient_id=study.patient_id, accession_number=study.accession_number, study_date=study.study_date,
-                study_description=study.study_description)
+                study_description=study.study_description, conflict=study.conflict or "")
 
 
 def study_row(study: Study) -> StudyRow:
@@ -231,7 +236,7 @@ def study_view(study: Study, lateral_views: tuple[str, ...]) -> StudyView:
         latest = {r.name: r for r in results}  # newest prediction per model name
         results = sorted(latest.values(), key=lambda r: r.name)
         images.append(ImageView(img.id, img.path, img.status, img.reason, img.qc_notes, img.view_position,
-                                frontal, img.display_path, results, img.lungs_path))
+                                frontal, img.display_path, results, img.lungs_path, img.patient_id, img.patient_name))
         if img.status == "scored" and frontal:
             for r in results:
                 if r.probability > scores.get(r.name, -1.0):

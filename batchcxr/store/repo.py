@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Table, bindparam, func, select, update
+from sqlalchemy import Engine, Table, bindparam, case, func, literal, select, update
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, StatementError
 from sqlalchemy.orm import Session, selectinload
 
@@ -26,6 +26,7 @@ from batchcxr.domain import ImageStatus, ModelOutput, PreparedImage, Rejection, 
 from batchcxr.store.db import SQLITE_BUSY_TIMEOUT_S, make_engine, migrate
 from batchcxr.store.files import FileRecords
 from batchcxr.store.lists import StudyLists
+from batchcxr.store.review import ReviewRecords
 from batchcxr.store.schema import (
     DaemonStatus,
     ErrorRecord,
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 VERDICTS = ("yes", "no", "uncertain")
 _PREDICTION_COLUMNS = (Study.study_key, Study.patient_id, Study.patient_name, Study.accession_number,
-                       Study.study_date, Image.path, Image.content_sha256, Image.sop_instance_uid,
+                       Study.study_date, Study.conflict, Image.path, Image.patient_id.label("image_patient_id"), Image.content_sha256, Image.sop_instance_uid,
                        Prediction.model_name, Prediction.model_version, Prediction.probability,
                        Prediction.label, Prediction.threshold, Prediction.created_at)
 PREDICTION_FIELDS = tuple(c.key for c in _PREDICTION_COLUMNS)
@@ -51,6 +52,12 @@ ROW_ERRORS = (DataError, IntegrityError, ProgrammingError, StatementError)
 """What a database raises for one bad row (too long, NUL byte, a constraint): that file fails.
 OperationalError (locked, disk full, connection lost) is a fault of the database instead."""
 DEFAULT_LATERAL = ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD")
+IDENTITY_FIELDS = ("patient_id", "patient_name")
+LABELS = {"patient_id": "PatientID", "patient_name": "PatientName"}
+
+
+def _conflict_text(field: str, first: str, later: str) -> str:
+    return f"{LABELS[field]} {later} differs from {first}"
 _CONTROL = {c: None for c in range(32) if chr(c) not in "\t\n\r"}
 
 
@@ -113,7 +120,7 @@ def _insert_for(dialect: str):
     return insert
 
 
-class Store(FileRecords, StudyLists):
+class Store(FileRecords, StudyLists, ReviewRecords):
     """Results database over one engine (plus a read engine for SQLite); each public write is one
     transaction."""
 
@@ -225,11 +232,9 @@ class Store(FileRecords, StudyLists):
 
     # writes -----------------------------------------------------------
     def _upsert(self, s: Session, model, rows: list[dict], keys: Sequence[str], update_cols: Sequence[str],
-                keep_nonempty: Sequence[str] = ()) -> None:
+                keep_nonempty: Sequence[str] = (), extra_sets: dict | None = None) -> None:
         """INSERT ... ON CONFLICT (keys) DO UPDATE; columns in ``keep_nonempty`` keep the stored
-        value when the new one is empty."""
-        from sqlalchemy import case
-
+        value unless it is empty; ``extra_sets(table, excluded)`` adds computed updates."""
         if not rows:
             return
         stmt = self._insert(model)
@@ -238,27 +243,48 @@ class Store(FileRecords, StudyLists):
         sets = {}
         for c in update_cols:
             if c in keep_nonempty:
-                sets[c] = case((excluded[c] != "", excluded[c]), else_=table.c[c])
+                sets[c] = case((table.c[c] == "", excluded[c]), else_=table.c[c])
             else:
                 sets[c] = excluded[c]
+        if extra_sets:
+            sets.update(extra_sets(table, excluded))
         s.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=sets), rows)
 
     def _study_rows(self, infos: Iterable[StudyInfo], now: dt.datetime) -> dict[str, dict]:
-        rows = {}
+        """One row per study key; images of one batch naming different patients set ``conflict``."""
+        rows: dict[str, dict] = {}
         for info in infos:
             row, _ = fit(Study.__table__, dict(
                 study_key=info.study_key, patient_name=info.patient_name, patient_id=info.patient_id,
                 accession_number=info.accession_number, study_date=info.study_date,
                 study_description=info.study_description))
-            rows[info.study_key] = dict(row, updated_at=now, report_stale=True)
+            row = dict(row, updated_at=now, report_stale=True, conflict="")
+            first = rows.get(info.study_key)
+            if first is None:
+                rows[info.study_key] = row
+                continue
+            for f in IDENTITY_FIELDS:
+                if first[f] and row[f] and first[f] != row[f] and not first["conflict"]:
+                    first["conflict"] = _conflict_text(f, first[f], row[f])
+                first[f] = first[f] or row[f]
         return rows
 
     def _write_studies(self, s: Session, infos: Iterable[StudyInfo], now: dt.datetime) -> dict[str, int]:
-        """Upsert studies; return their ids by (original) study key."""
+        """Upsert studies; return their ids by (original) study key. A study keeps the patient it
+        was first seen with: a later file of the same StudyInstanceUID naming another patient sets
+        the study's conflict flag instead of overwriting (the file's own values stay on its image)."""
         rows = self._study_rows(infos, now)
         fields = ("patient_name", "patient_id", "accession_number", "study_date", "study_description")
+
+        def conflict(table, excluded):
+            cases = [(table.c.conflict != "", table.c.conflict)]
+            for f in IDENTITY_FIELDS:
+                cases.append(((table.c[f] != "") & (excluded[f] != "") & (table.c[f] != excluded[f]),
+                              literal(f"{LABELS[f]} ") + excluded[f] + literal(" differs from ") + table.c[f]))
+            return {"conflict": case(*cases, else_=excluded.conflict)}
+
         self._upsert(s, Study, list(rows.values()), ["study_key"], [*fields, "updated_at", "report_stale"],
-                     keep_nonempty=fields)
+                     keep_nonempty=fields, extra_sets=conflict)
         fitted = {r["study_key"]: k for k, r in rows.items()}
         found = s.execute(select(Study.study_key, Study.id).where(Study.study_key.in_(list(fitted)))).all()
         return {fitted[key]: sid for key, sid in found}
@@ -270,9 +296,11 @@ class Store(FileRecords, StudyLists):
         return dict(s.execute(select(Image.content_sha256, Image.id).where(Image.content_sha256.in_(shas))).all())
 
     def _image_row(self, source, image, status: str, reason: str, study_id: int | None, now: dt.datetime,
-                   qc_notes: str = "", display_path: str = "", lungs_path: str = "") -> dict:
+                   qc_notes: str = "", display_path: str = "", lungs_path: str = "",
+                   study: StudyInfo | None = None) -> dict:
         row, notes = fit(Image.__table__, dict(
             content_sha256=source.sha256, study_id=study_id, path=str(source.path), kind=source.kind.value,
+            patient_id=study.patient_id if study else "", patient_name=study.patient_name if study else "",
             sop_instance_uid=image.sop_instance_uid if image else "", modality=image.modality if image else "",
             view_position=image.view_position if image else "", rows=image.rows if image else 0,
             columns=image.columns if image else 0, status=status, reason=reason, qc_notes=qc_notes,
@@ -308,7 +336,7 @@ class Store(FileRecords, StudyLists):
             p = item.prepared
             rows[p.source.sha256] = self._image_row(
                 p.source, p.image, ImageStatus.SCORED.value, "", study_ids[p.study.study_key], now,
-                "; ".join(p.qc_notes), item.display_path, item.lungs_path)
+                "; ".join(p.qc_notes), item.display_path, item.lungs_path, p.study)
         image_ids = self._write_images(s, list(rows.values()))
         preds = {}
         for item in items:
@@ -360,7 +388,8 @@ class Store(FileRecords, StudyLists):
         if with_study:  # recognisable as an image: the image row keeps the reason
             study_ids = self._write_studies(s, [r.study for r in with_study], now)
             rows = {r.source.sha256: self._image_row(r.source, r.image, r.status.value, r.reason,
-                                                     study_ids[r.study.study_key], now) for r in with_study}
+                                                     study_ids[r.study.study_key], now, study=r.study)
+                    for r in with_study}
             self._write_images(s, list(rows.values()))
             self._refresh_studies(s, set(study_ids.values()))
         self._write_sources(s, run_id, [(r.source, r.status.value, r.stage.value, r.reason) for r in rejections], now)

@@ -65,6 +65,8 @@ class Study(Base):
     n_images: Mapped[int] = mapped_column(Integer, default=0)
     results: Mapped[dict | None] = mapped_column(JSON)
     """Study result per model: {model name: [probability, label]} (highest frontal image)."""
+    conflict: Mapped[str] = mapped_column(Text, default="")
+    """Set when images of this StudyInstanceUID name different patients (kept as data, never overwritten)."""
     report_stale: Mapped[bool] = mapped_column(Boolean, default=True)
     """The static report page is older than the study's data (written, then cleared, by ReportWriter)."""
     images: Mapped[list[Image]] = relationship(back_populates="study")
@@ -80,6 +82,9 @@ class Image(Base):
     path: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(8))
     sop_instance_uid: Mapped[str] = mapped_column(String(128), default="")
+    patient_id: Mapped[str] = mapped_column(Text, default="")
+    patient_name: Mapped[str] = mapped_column(Text, default="")
+    """What this file says about its patient (the study keeps the first; a difference is a conflict)."""
     modality: Mapped[str] = mapped_column(String(16), default="")
     view_position: Mapped[str] = mapped_column(String(16), default="")
     rows: Mapped[int] = mapped_column(Integer, default=0)
@@ -211,3 +216,42 @@ class IncompleteFile(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     unchanged_since: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class WebSession(Base):
+    """A review-app login. The cookie carries only its random token (hashed here); logout, a new
+    password, an idle or absolute timeout or `batchcxr sessions revoke` ends it server-side."""
+
+    __tablename__ = "web_sessions"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String(128), index=True)
+    password_fingerprint: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    ended_why: Mapped[str] = mapped_column(String(32), default="")
+
+
+class LoginThrottle(Base):
+    """Failed logins per user name and per client address ("user:alice", "addr:10.0.0.5"), kept in
+    the database so the back-off holds across restarts and threads."""
+
+    __tablename__ = "login_throttle"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    wait_until: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class AuditEvent(Base):
+    """Who did what, when, from where: append-only (database triggers refuse updates and deletes)."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    user: Mapped[str] = mapped_column(String(128), default="")
+    address: Mapped[str] = mapped_column(String(64), default="")
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
