@@ -302,9 +302,11 @@ def _mtime(path: Path) -> float:
 @click.option("--since", default=None, metavar="AGE|DATE",
               help="Only files modified in the last AGE (24h, 90m, 7d) or since DATE (2026-11-24); "
                    "takes the lock file so two such runs never overlap (the nightly job).")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write Prometheus metrics here at the end (node_exporter's textfile collector).")
 def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path | None,
           batch_size: int | None, rescore: bool, retry_failed: bool, progress: bool | None,
-          since: str | None) -> None:
+          since: str | None, metrics_file: Path | None) -> None:
     """Score every DICOM/JPEG/PNG image under PATH with both models; write the database and reports.
 
     \b
@@ -370,6 +372,11 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
         if lock is not None:
             lock.release()
     click.echo("\n".join(summary_lines(summary, len(paths))))
+    if metrics_file is not None:
+        from batchcxr import metrics
+
+        metrics.set_models(scorer.models)
+        metrics.write_textfile(metrics_file)
     if summary.status == "interrupted":
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_FILES_FAILED if summary.failed else EXIT_OK)

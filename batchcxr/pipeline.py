@@ -27,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchcxr import metrics
 from batchcxr.domain import Deferred, FailStage, FileKind, ImageStatus, PreparedImage, Rejection, SourceFile
 from batchcxr.errors import FileChanged, FileTooLarge, FileVanished, NotRegularFile
 from batchcxr.infer.lungs import LungModel, load_lung_model
@@ -396,6 +397,7 @@ class Scorer:
         for item in batch:
             if item.source.path not in refused_paths:
                 summary.scored += 1
+                metrics.IMAGES.inc()
                 self._note(summary, item.source.path, FileOutcome(item.source.sha256, ImageStatus.SCORED.value),
                            item.source)
         if refused:
@@ -416,6 +418,7 @@ class Scorer:
             log.debug("%s: %s (%s)", r.source.path, r.status.value, reason)
 
     def _note(self, summary: RunSummary, path: Path, outcome: FileOutcome, source: SourceFile | None = None) -> None:
+        metrics.count_outcome(outcome.status, outcome.reason)
         if self._keep_files:
             if source is not None and source.inode:
                 outcome = dataclasses.replace(outcome, identity=(source.inode, source.size, source.mtime_ns))

@@ -80,6 +80,8 @@ class WatchSettings:
     retry_max_seconds: float = 60.0
     """While a volume or the database is at fault (disk full, locked, unreachable, not writable),
     retry after 1, 2, 4 ... seconds, at most this long apart, until the fault clears."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: off)."""
     status_file: str = ""
     """A JSON copy of the heartbeat for `batchcxr status`, readable when the database is not
     (relative paths: under the drop folder's parent); empty: beside a SQLite database file."""
@@ -112,6 +114,8 @@ class WebSettings:
     lockout_max_seconds: float = 900.0
     """The wait after repeated failures doubles up to this."""
     threads: int = 8
+    metrics_token: str = ""
+    """Bearer token that Prometheus sends to read /metrics (empty: /metrics is off)."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from batchcxr import metrics
 from batchcxr.errors import FileChanged, FileTooLarge, FileVanished, NotRegularFile
 from batchcxr.ingest.complete import is_complete, is_temporary
 from batchcxr.ingest.files import FileIdentity, move_into, read_regular, walk
@@ -137,6 +138,8 @@ class Watcher:
         self.to_move: dict[Path, FileOutcome] = {}
         """Handled files whose move failed (a fault): moved when the fault clears."""
         self.fault: Fault | None = None
+        self.arrived: dict[Path, float] = {}
+        """When each file not yet done was first seen (for the end-to-end time)."""
         self.name = f"watch:{self.drop}"
         self.host = socket.gethostname()
         self.started_at = utcnow()
@@ -204,6 +207,10 @@ class Watcher:
     def _start_up(self) -> None:
         """Clear what a crashed predecessor left: runs left ``running``, its claims, temp files.
         Retried like any fault until the database answers (or a stop is requested)."""
+        metrics.set_models(self.scorer.models)
+        if self.cfg.metrics_port:
+            metrics.serve(self.cfg.metrics_port)
+            log.info("metrics on http://127.0.0.1:%d/metrics", self.cfg.metrics_port)
         while not self.stop.requested:
             try:
                 self.store.upgrade()
@@ -277,6 +284,8 @@ class Watcher:
         while True:
             if path not in self.waiting and not self._excluded(path) and not self._queued(path):
                 self.waiting[path] = WaitingFile(None, self.clock(), self.clock())
+                if len(self.arrived) < HANDLED_MEMORY:
+                    self.arrived.setdefault(path, self.clock())
             try:
                 path = self.events.get_nowait()
             except queue.Empty:
@@ -295,10 +304,12 @@ class Watcher:
                 st = os.lstat(path)
             except FileNotFoundError:
                 del self.waiting[path]  # renamed or removed by its writer
+                self.arrived.pop(path, None)
                 continue
             ident = FileIdentity.of(st)
             if self.handled.get(path) == ident:
                 del self.waiting[path]
+                self.arrived.pop(path, None)
                 continue
             if not stat.S_ISREG(st.st_mode):
                 quiet.append((path, w, ident, st.st_mode))  # never read: the pipeline records why
@@ -328,6 +339,7 @@ class Watcher:
                     _, data, _ = read_regular(path, self.settings.quality.max_file_bytes)
                 except FileVanished:
                     del self.waiting[path]
+                    self.arrived.pop(path, None)
                     continue
                 except FileChanged:
                     w.identity, w.changed_at = None, now
@@ -370,11 +382,13 @@ class Watcher:
 
     def _process(self, paths: list[Path]) -> None:
         log.info("scoring a batch of %d files", len(paths))
+        start = time.perf_counter()
         try:
             summary = self.scorer.score_paths(self.drop, paths, command="watch")
         except Exception as exc:
             self._requeue(paths)
             raise exc
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - start)
         if summary.scored:
             self.last_scored_at = utcnow()
         self._clear_fault()
@@ -388,7 +402,13 @@ class Watcher:
         held them): they go round the quiet period and completeness check again."""
         now = self.clock()
         for path in paths:
-            self.waiting.setdefault(path, WaitingFile(None, now, now))
+            self.waiting.setdefault(path, WaitingFile(None, now, self.arrived.get(path, now)))
+
+    def _done(self, path: Path) -> None:
+        """A file has its result stored and is where it belongs: the end-to-end time."""
+        first = self.arrived.pop(path, None)
+        if first is not None:
+            metrics.END_TO_END.observe(self.clock() - first)
 
     def _dispose(self, summary: RunSummary) -> None:
         """Archive or leave scored/skipped inputs; quarantine failed ones with an error file."""
@@ -421,6 +441,7 @@ class Watcher:
                 if not stat.S_ISREG(st.st_mode):  # symlinks, FIFOs, devices: left untouched
                     self._remember(path, ident)
                     del self.to_move[path]
+                    self._done(path)
                     continue
                 if outcome.identity is not None and outcome.identity != (ident.inode, ident.size, ident.mtime_ns):
                     del self.to_move[path]  # changed since it was read: read it again
@@ -430,6 +451,7 @@ class Watcher:
                 if target_dir is None:
                     self._remember(path, ident)
                     del self.to_move[path]
+                    self._done(path)
                     continue
                 rel = Path(os.path.abspath(path)).relative_to(self.drop)
                 try:
@@ -440,6 +462,7 @@ class Watcher:
                     del self.to_move[path]  # another watcher of this folder moved it first
                     continue
                 del self.to_move[path]
+                self._done(path)
                 moves.append((str(path), str(target)))
                 if failed:
                     self._error_note(target, rel, path, outcome)
@@ -464,6 +487,8 @@ class Watcher:
     # faults ----------------------------------------------------------------
     def _set_fault(self, exc: BaseException) -> None:
         what = describe_fault(exc)
+        metrics.FAULTS.labels("database" if what.startswith("database") else
+                              "filesystem" if isinstance(exc, OSError) else "other").inc()
         now = self.clock()
         if self.fault is None or self.fault.what != what:
             since = self.fault.since if self.fault else utcnow()
@@ -498,6 +523,13 @@ class Watcher:
                       files_waiting=len(self.waiting) + len(self.to_move),
                       studies_pending=len(self.studies), last_scored_at=self.last_scored_at,
                       fault=self.fault.what if self.fault else "", fault_since=self.fault.since if self.fault else None)
+        metrics.WAITING.set(record["files_waiting"])
+        metrics.PENDING.set(record["studies_pending"])
+        metrics.OLDEST.set(record["oldest_waiting_s"])
+        metrics.FAULT_ACTIVE.set(1 if self.fault else 0)
+        metrics.beat()
+        metrics.disk_free({k: v for k, v in (("drop", self.drop), ("reports", self.settings.reports_dir),
+                                             ("archive", self._dir(self.cfg.archive_dir))) if v is not None})
         try:
             self.store.heartbeat(self.name, **record)
             self.store.renew_claims(self.scorer.owner, CLAIM_TTL_SECONDS)

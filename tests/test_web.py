@@ -195,3 +195,50 @@ def test_verdicts_csv_and_evaluate_against_reviews(site):
         assert m["sensitivity"] == m["tp"] / (m["tp"] + m["fn"])
     with pytest.raises(ValueError, match="verdict must be one of"):
         store.add_verdict(1, "bob", "maybe")
+
+
+def test_what_a_new_user_sees_in_a_real_browser(site, browser, tmp_path):
+    """Failed files still listed after a later run; JPEG studies named by their folder; both
+    models' overlays beside the plain image at 1280 px; the keys work after the slider."""
+    import os
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    scorer = site["scorer"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 100)
+    old = 1_700_000_000
+    os.utime(broken / "cut.jpg", (old, old))
+    scorer.score_tree(broken)  # a run with a failure ...
+    later = tmp_path / "later"
+    dicom_file(later / "ok.dcm", chest_like(seed=88))
+    summary = scorer.score_tree(later)  # ... then a later run without one
+    page.goto(summary.index_path.resolve().as_uri())
+    failures = page.locator("table.failures").first.inner_text()
+    assert "cut.jpg" in failures and "truncated JPEG" in failures
+    _login(page, site["url"])
+    worklist = page.inner_text("#worklist")
+    assert "demo/jpeg/study-normal-1" in worklist  # a JPEG study has a name: its folder
+    page.locator("a.study-link", has_text="study-pneumonia-1").click()
+    page.wait_for_selector("#verdict-form")
+    page.wait_for_load_state("load")
+    figures = page.locator(".viewer-section").first.locator("figure")
+    expect(figures).to_have_count(3)
+    boxes = [figures.nth(k).bounding_box() for k in range(3)]
+    assert len({round(b["y"]) for b in boxes}) == 1  # one row: image, cnn, mobilenetv2
+    assert max(b["x"] + b["width"] for b in boxes) <= 1280
+    assert page.locator(".legend").first.is_visible()
+    page.screenshot(path=str(SCREENSHOTS / "study-1280.png"), full_page=True)
+    study_url = page.url
+    slider = page.locator(".opacity").first
+    slider.focus()
+    page.keyboard.press("ArrowLeft")  # the slider has the keyboard ...
+    with page.expect_navigation():
+        page.keyboard.press("2")  # ... and the verdict key still works (and moves on to the next study)
+    page.goto(study_url)
+    assert "Current: no by alice" in page.inner_text("#current-verdict")
+    page.locator(".zoom").first.focus()
+    page.keyboard.press("Escape")
+    assert page.evaluate("document.activeElement === document.body")
+    context.close()

@@ -17,6 +17,7 @@ import io
 import logging
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
@@ -25,6 +26,7 @@ from flask import Flask, Response, abort, g, redirect, request, send_file, sessi
 from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf
 from werkzeug.security import check_password_hash
 
+from batchcxr import metrics
 from batchcxr.export import csv_row, write_csv
 from batchcxr.paths import TEMPLATES_DIR
 from batchcxr.report.render import NOTICE, StudyRow, make_environment, study_row, study_view
@@ -86,6 +88,28 @@ def create_app(settings: Settings, store: Store) -> Flask:
                                                  user=g.get("user"), url_for=url_for, **context)
 
     @app.before_request
+    def start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.teardown_request
+    def count_request(_exc) -> None:
+        endpoint = request.endpoint or "unknown"
+        metrics.WEB_SECONDS.labels(endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+
+    @app.get("/metrics")
+    def metrics_page():
+        """Prometheus metrics, for a scraper that sends ``Authorization: Bearer <metrics_token>``."""
+        import hmac
+
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not web.metrics_token or not hmac.compare_digest(given, web.metrics_token):
+            abort(404)
+        metrics.SESSIONS.set(len(store.live_web_sessions()))
+        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.before_request
     def load_user() -> None:
         g.user = store.web_session_user(session.get("sid", ""), fingerprints, idle, absolute)
         if g.user is None and "sid" in session:
@@ -104,6 +128,7 @@ def create_app(settings: Settings, store: Store) -> Flask:
 
     @app.after_request
     def security_headers(response: Response) -> Response:
+        metrics.WEB_REQUESTS.labels(request.endpoint or "unknown", str(response.status_code)).inc()
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
@@ -137,6 +162,7 @@ def create_app(settings: Settings, store: Store) -> Flask:
         with HASHING:
             ok = check_password_hash(stored or DUMMY_HASH, password) and stored is not None
         if not ok:
+            metrics.LOGIN_FAILURES.inc()
             store.login_failed(keys, web.login_attempts, web.lockout_max_seconds)
             store.audit("login_failed", user=name, address=address())
             return render("web/login.html", error=LOGIN_FAILED, next=safe_next(request.form.get("next"))), 401
