@@ -446,6 +446,104 @@ def _parse_since(text: str) -> float:
 
 @main.command()
 @config_option
+@click.option("--to", "folder", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder the instances go to [default: [batchcxr.dicom] incoming_dir].")
+@click.option("--port", type=int, default=None, help="Port [default: [batchcxr.dicom] port].")
+def listen(config: Path | None, folder: Path | None, port: int | None) -> None:
+    """Receive DICOM (C-STORE SCP) from the allowed AE titles into a folder the watcher reads.
+    SIGTERM stops it; a transfer in hand finishes first."""
+    import time
+
+    from batchcxr import metrics
+    from batchcxr.errors import ConfigError
+    from batchcxr.ingest.scp import Receiver
+
+    settings = _settings(config, dicom={"port": port} if port else None)
+    target = folder or (Path(settings.dicom.incoming_dir) if settings.dicom.incoming_dir else None)
+    if target is None:
+        raise click.UsageError("no folder: give --to DIR or set [batchcxr.dicom] incoming_dir")
+    try:
+        receiver = Receiver(settings.dicom, target)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if settings.dicom.metrics_port:
+        metrics.serve(settings.dicom.metrics_port)
+    receiver.start()
+    try:
+        while not EARLY.requested:
+            time.sleep(0.2)
+    finally:
+        receiver.stop()
+    click.echo(f"received {receiver.received} instances", err=True)
+
+
+@main.command()
+@config_option
+@db_option
+@click.option("--since", default="24h", show_default=True, metavar="AGE|DATE", help="Studies from this date on.")
+@click.option("--receive-to", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Receive the moved studies here with an SCP of our own for the pull (no `listen` running); "
+                   "DICOMweb writes here.")
+def pull(config: Path | None, db_url: str | None, since: str, receive_to: Path | None) -> None:
+    """Ask the PACS for CR/DX studies since AGE and fetch them (C-FIND + C-MOVE to our AE title,
+    or QIDO-RS + WADO-RS with pull_via = "dicomweb"). Exit 1 if some studies could not be fetched."""
+    import datetime as dt
+
+    from batchcxr.ingest.pull import pull as run_pull
+    from batchcxr.ingest.scp import Receiver
+
+    settings = _settings(config, db_url=db_url)
+    cfg = settings.dicom
+    if cfg.pull_via == "dicomweb" and not (receive_to or cfg.incoming_dir):
+        raise click.UsageError("DICOMweb pulls need --receive-to DIR (or incoming_dir)")
+    if cfg.pull_via != "dicomweb" and not cfg.pacs_ae:
+        raise click.UsageError("set [batchcxr.dicom] pacs_ae, pacs_host and pacs_port")
+    day = dt.datetime.fromtimestamp(_parse_since(since)).date()
+    store = _open_store(settings)
+    receiver = None
+    if receive_to is not None and cfg.pull_via != "dicomweb":
+        receiver = Receiver(cfg, receive_to)
+        receiver.start()
+    try:
+        summary = run_pull(cfg, store, day, receive_to or (Path(cfg.incoming_dir) if cfg.incoming_dir else None))
+    finally:
+        if receiver is not None:
+            receiver.stop()
+        store.close()
+    click.echo(f"{summary.found} studies found since {day}, {summary.skipped} already here, {summary.fetched} fetched "
+               f"({summary.instances} instances), {len(summary.failed)} failed")
+    for uid, error in summary.failed.items():
+        click.echo(f"  {uid}: {error}")
+    sys.exit(1 if summary.failed else 0)
+
+
+@main.command()
+@config_option
+@db_option
+@click.option("--daemon", is_flag=True, help="Keep sending what becomes due until stopped.")
+def send(config: Path | None, db_url: str | None, daemon: bool) -> None:
+    """Send the results in the outbox to the configured destinations (C-STORE or STOW-RS).
+    Exit 1 if some are still waiting (their destination is down: they are retried)."""
+    from batchcxr.report.send import Outbox, send_loop
+
+    settings = _settings(config, db_url=db_url)
+    store = _open_store(settings)
+    outbox = Outbox(settings, store)
+    if daemon:
+        send_loop(outbox, EARLY)
+    total = outbox.send_due(limit=1000)
+    summary = store.outbox_summary()
+    store.close()
+    pending = sum(d.get("pending", 0) for d in summary.values())
+    click.echo(f"sent {total.sent}, failed {total.failed}; waiting {pending}")
+    for name, d in summary.items():
+        if d.get("last_error"):
+            click.echo(f"  {name}: {d['last_error']}")
+    sys.exit(1 if pending else 0)
+
+
+@main.command()
+@config_option
 @db_option
 @click.option("--reports", "reports_dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--rebuild", is_flag=True, help="Write every study page again (after an upgrade), in chunks of 200.")

@@ -64,6 +64,10 @@ class StudyInfo:
 @dataclass(frozen=True)
 class ImageInfo:
     sop_instance_uid: str = ""
+    sop_class_uid: str = ""
+    series_instance_uid: str = ""
+    patient_orientation: str = ""
+    """DICOM PatientOrientation, backslash-separated ('L\\F'), for derived images sent to the PACS."""
     modality: str = ""
     view_position: str = ""
     rows: int = 0

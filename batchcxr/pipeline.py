@@ -50,6 +50,7 @@ from batchcxr.report.render import TMP_DIR, ReportWriter, atomic_write
 from batchcxr.settings import QualitySettings, Settings
 from batchcxr.signals import Stop
 from batchcxr.store.repo import Known, ScoredImage, Store
+from batchcxr.store.schema import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,10 @@ class Scorer:
         self.reports = ReportWriter(settings.reports_dir, settings.quality.lateral_views)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         """Who holds this process's claims (host:pid)."""
+        from batchcxr.report.send import Outbox
+
+        self.outbox = Outbox(settings, store)
+        """DICOM results for the PACS (when destinations are configured)."""
         self._writer: ThreadPoolExecutor | None = None
         """Per run: the thread that writes a batch's images and rows while the next batch is scored."""
         self._writing = None
@@ -502,6 +507,7 @@ class Scorer:
         defaults to the watcher's ``incomplete_timeout_seconds`` (see prepare_file).
         """
         start = time.monotonic()
+        started_at = utcnow()
         paths = list(paths)
         self._keep_files = keep_files
         run_id = self.store.start_run(command, str(root), self.versions, host=socket.gethostname(), pid=os.getpid())
@@ -570,6 +576,8 @@ class Scorer:
             summary.seconds = time.monotonic() - start
             self._finish(run_id, summary, claimed)
         t0 = time.perf_counter()
+        if self.outbox.enabled and summary.scored:
+            self.outbox.enqueue_since(started_at)  # before any send: recorded, then sent (watcher, batchcxr send)
         summary.index_path = self.reports.write_pending(self.store, run_id)
         summary.stages["report"] += time.perf_counter() - t0
         summary.seconds = time.monotonic() - start  # the run row holds the time before reports

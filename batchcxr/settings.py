@@ -119,6 +119,60 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class Destination:
+    """Where results go back to (`[batchcxr.dicom.destinations.NAME]`)."""
+
+    kind: str = "dimse"
+    """dimse (C-STORE) or stow (DICOMweb STOW-RS)."""
+    ae_title: str = ""
+    host: str = "127.0.0.1"
+    port: int = 104
+    url: str = ""
+    """DICOMweb base URL (kind stow), e.g. http://pacs:8042/dicom-web."""
+    objects: tuple[str, ...] = ("sr", "sc")
+    """What to send: sr (the TID 1500 report), sc (a Grad-CAM secondary capture per image and
+    model), gsps (the Grad-CAM contour as a presentation state instead of sc)."""
+
+
+@dataclass(frozen=True)
+class DicomSettings:
+    """DICOM networking (`[batchcxr.dicom]`): receive (listen), pull, send results back."""
+
+    ae_title: str = "BATCHCXR"
+    host: str = "127.0.0.1"
+    """Address the C-STORE SCP binds."""
+    port: int = 11112
+    allowed_calling: tuple[str, ...] = ()
+    """Calling AE titles allowed to associate; all others are rejected at association (listen
+    refuses to start while this is empty)."""
+    incoming_dir: str = ""
+    """Where received instances are written (temp name, then renamed); empty: the drop folder
+    when the watcher runs the listener (listen_in_watch)."""
+    listen_in_watch: bool = False
+    """`batchcxr watch` runs the C-STORE SCP in-process, writing into its drop folder."""
+    tls_cert: str = ""
+    """PEM certificate and key for DICOM TLS (both, or neither); tls_ca: accept only clients with
+    a certificate signed by it."""
+    tls_key: str = ""
+    tls_ca: str = ""
+    metrics_port: int = 0
+    """Prometheus metrics of `batchcxr listen` on 127.0.0.1 (0: off)."""
+    pacs_ae: str = ""
+    """The PACS to pull from (C-FIND, C-MOVE to ae_title)."""
+    pacs_host: str = "127.0.0.1"
+    pacs_port: int = 104
+    pull_via: str = "dimse"
+    """dimse (C-FIND + C-MOVE) or dicomweb (QIDO-RS + WADO-RS at dicomweb_url)."""
+    dicomweb_url: str = ""
+    destinations: dict = field(default_factory=dict)
+    """NAME -> Destination: where each scored DICOM study's results are sent."""
+    uid_root: str = "1.2.826.0.1.3680043.8.498."
+    """Prefix of the UIDs of the objects sent (derived from the source instance and model version)."""
+    send_retry_max_seconds: float = 300.0
+    """A destination that is down is retried after 10, 20, 40 ... s, at most this long apart."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything `batchcxr score` needs."""
 
@@ -133,6 +187,9 @@ class Settings:
     quality: QualitySettings = field(default_factory=QualitySettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    dicom: DicomSettings = field(default_factory=DicomSettings)
+    outbox_dir: Path = Path("batchcxr-outbox")
+    """DICOM results waiting to be sent (the outbox table names each file)."""
     decode_workers: int = 1
     """Processes that read and decode files while the main process runs the models (0: none)."""
     model_threads: int = 0
@@ -191,7 +248,11 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
             changes[key] = tuple(Path(v).expanduser() for v in (value.split(",") if isinstance(value, str) else value))
         elif key == "lung_model":
             changes[key] = Path(value).expanduser()
-        elif isinstance(current, (QualitySettings, WatchSettings, WebSettings)):
+        elif key == "destinations":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ConfigError(f"{where}: destinations must be tables [batchcxr.dicom.destinations.NAME]")
+            changes[key] = {name: _merge(Destination(), v, f"{where} [destinations.{name}]") for name, v in value.items()}
+        elif isinstance(current, (QualitySettings, WatchSettings, WebSettings, DicomSettings)):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {key} must be a table")
             changes[key] = _merge(current, value, f"{where} [{key}]")
@@ -217,7 +278,7 @@ def load_settings(
     from_env = {
         f.name: env[f"BATCHCXR_{f.name.upper()}"]
         for f in fields(Settings)
-        if f"BATCHCXR_{f.name.upper()}" in env and f.name not in ("quality", "watch", "web")
+        if f"BATCHCXR_{f.name.upper()}" in env and f.name not in ("quality", "watch", "web", "dicom")
     }
     settings = _merge(settings, from_env, "environment")
     settings = _merge(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")

@@ -73,6 +73,7 @@ def gather(settings: Settings, *, stale_after: float = 60.0, backlog_after: floa
             {"time": e.created_at, "path": e.path, "reason": e.reason}
             for e in store.errors_since(since, limit=200) if e.status == "failed"][-10:]
         report["failed_files"] = store.count_failed_files()
+        report["outbox"] = store.outbox_summary()
         if failed_page is not None:
             page = max(1, failed_page)
             report["failed_page"] = page
@@ -105,9 +106,12 @@ def gather(settings: Settings, *, stale_after: float = 60.0, backlog_after: floa
         alive += d["alive"]
         degraded += bool(d["alive"] and problems)
         report["daemons"].append(d)
+    stuck = [name for name, d in report.get("outbox", {}).items()
+             if d.get("pending") and d.get("oldest_pending") and (now - d["oldest_pending"]).total_seconds() > backlog_after]
+    report["outbox_stuck"] = stuck
     if alive == 0:
         report["state"], report["exit_code"] = "down", 1
-    elif degraded or alive < len(daemons) or report.get("database_error"):
+    elif degraded or alive < len(daemons) or report.get("database_error") or stuck:
         report["state"], report["exit_code"] = "degraded", 2
     else:
         report["state"], report["exit_code"] = "ok", 0
@@ -136,6 +140,11 @@ def render(report: dict[str, Any]) -> str:
         for e in report.get("recent_failures", []):
             lines.append(f"  {e['time']:%Y-%m-%d %H:%M} {e['path']}: {e['reason']}")
         lines.append(f"files not scored: {report.get('failed_files', 0)} (batchcxr status --failed 1 lists them)")
+    for name, d in report.get("outbox", {}).items():
+        if d.get("pending"):
+            lines.append(f"outbox {name}: {d['pending']} waiting since {d['oldest_pending']:%Y-%m-%d %H:%M}"
+                         + (f"; last error: {d['last_error']}" if d.get("last_error") else "")
+                         + (" (DEGRADED: stuck)" if name in report.get("outbox_stuck", []) else ""))
     for f in report.get("failed_list", []):
         lines.append(f"  {f['time']:%Y-%m-%d %H:%M} run #{f['run']} {f['path']} [{f['stage']}]: {f['reason']}"
                      + (f" -> {f['now_at']}" if f["now_at"] else ""))

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.2
 CLAIM_TTL_SECONDS = 600.0
 HANDLED_MEMORY = 100_000
+SEND_EVERY_SECONDS = 2.0
 
 
 @dataclass
@@ -146,6 +147,7 @@ class Watcher:
         self.last_scored_at: dt.datetime | None = None
         self._last_heartbeat = -1e9
         self._last_rescan = -1e9
+        self._next_send = -1e9
         self.status_file = self._status_file()
 
     @property
@@ -179,8 +181,15 @@ class Watcher:
         """Watch until stopped (or idle that long with nothing waiting). Returns the exit code."""
         self.stop.set_timeout(self.cfg.stop_timeout_seconds)
         observer = None
+        receiver = None
         try:
             self._start_up()
+            if self.settings.dicom.listen_in_watch:
+                from batchcxr.ingest.scp import Receiver
+
+                incoming = self._dir(self.settings.dicom.incoming_dir) or self.drop
+                receiver = Receiver(self.settings.dicom, incoming)
+                receiver.start()
             observer = start_observer(self.drop, self.events, self.cfg.polling, self.cfg.poll_seconds)
             log.info("watching %s (%s)", safe_text(self.drop), "polling" if self.cfg.polling else "inotify")
             idle_since = self.clock()
@@ -194,6 +203,8 @@ class Watcher:
         finally:
             self.stop.disarm()  # no stop alarm during the clean-up (or after it)
             try:
+                if receiver is not None:
+                    receiver.stop()
                 if observer is not None:
                     observer.stop()
                     observer.join(timeout=10)
@@ -250,6 +261,7 @@ class Watcher:
                     busy = True
                 if self.fault is not None and not self.to_move:
                     self._clear_fault()  # what failed before worked this time
+                self._send_results(now)
             busy = busy or bool(self.waiting or self.studies or self.to_move)
         except StopNow:
             raise
@@ -260,6 +272,13 @@ class Watcher:
             busy = True
         self._heartbeat()
         return busy
+
+    def _send_results(self, now: float) -> None:
+        """Results due for the PACS (each destination's back-off is kept in the outbox table)."""
+        if not self.scorer.outbox.enabled or now < self._next_send:
+            return
+        self._next_send = now + SEND_EVERY_SECONDS
+        self.scorer.outbox.send_due()
 
     def _rescan(self) -> None:
         self._last_rescan = self.clock()

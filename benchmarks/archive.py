@@ -34,49 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from batchcxr.paths import DEMO_DIR, PROJECT_ROOT
+from benchmarks.servers import Postgres
 
 RESULTS = Path(__file__).parent / "results"
 CHUNK = 20_000
-
-
-# --- a PostgreSQL server for the run -------------------------------------------------------
-class Postgres:
-    def __init__(self, base: Path) -> None:
-        import pwd
-        import socket
-
-        from tests.conftest import _pg_binary
-
-        self.base = base
-        base.mkdir(parents=True, exist_ok=True)
-        base.chmod(0o755)
-        self.as_user = []
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            os.chown(base, pw.pw_uid, pw.pw_gid)
-            self.as_user = ["runuser", "-u", "postgres", "--"]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.pg_ctl = _pg_binary("pg_ctl")
-        subprocess.run([*self.as_user, _pg_binary("initdb"), "-D", str(base / "data"), "-U", "postgres",
-                        "--auth=trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
-        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {base} -c fsync=off -c shared_buffers=256MB"
-        subprocess.run([*self.as_user, self.pg_ctl, "-D", str(base / "data"), "-o", opts, "-l", str(base / "log"),
-                        "-w", "start"], check=True, capture_output=True)
-
-    def new_database(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
-                             autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
-
-    def stop(self) -> None:
-        subprocess.run([*self.as_user, self.pg_ctl, "-D", str(self.base / "data"), "-m", "fast", "stop"],
-                       capture_output=True)
 
 
 # --- building an archive ---------------------------------------------------------------------
@@ -311,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if pg is not None:
             pg.stop()
-            shutil.rmtree(args.work / "pg", ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": results, "cpu": _cpu()}, indent=2) + "\n")
     print(table(results))

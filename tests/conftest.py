@@ -49,64 +49,32 @@ def imagenet_tflite() -> Path:
 
 # --- real servers: PostgreSQL ---------------------------------------------------------------
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bind to port 0 and let the kernel pick)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pg_binary(name: str) -> str | None:
-    import glob
-    import shutil
-
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return candidates[-1] if candidates else None
+from benchmarks.servers import free_port, pg_binary  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A real PostgreSQL (Debian's postgresql) on a free loopback port, for the whole session.
-
-    initdb refuses root, so as root it runs as the postgres user (runuser), in a folder every
-    parent of which postgres can read (a mkdtemp under /tmp, not pytest's 0700 tmp folders).
-    """
-    import shutil
-    import subprocess
+    """A real PostgreSQL (Debian's postgresql) on a free loopback port, for the whole session
+    (benchmarks.servers.Postgres: initdb as the postgres user when root, in a folder under /tmp that
+    postgres can read, not pytest's 0700 tmp folders)."""
     import tempfile
 
-    initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
-    if not initdb or not pg_ctl:
+    from benchmarks.servers import Postgres
+
+    if not pg_binary("initdb") or not pg_binary("pg_ctl"):
         _missing("PostgreSQL server binaries not found (apt-get install postgresql)")
-    base = Path(tempfile.mkdtemp(prefix="batchcxr-pg-", dir="/tmp"))
-    base.chmod(0o755)
-    as_user: list[str] = []
     if os.geteuid() == 0:
         import pwd
 
         try:
-            pw = pwd.getpwnam("postgres")
+            pwd.getpwnam("postgres")
         except KeyError:
             _missing("no postgres user to run PostgreSQL as (apt-get install postgresql)")
-        os.chown(base, pw.pw_uid, pw.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data = base / "data"
-    port = free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                    "--no-sync"], check=True, capture_output=True)
-    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off -c full_page_writes=off"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start"],
-                   check=True, capture_output=True)
+    server = Postgres(Path(tempfile.mkdtemp(prefix="batchcxr-pg-", dir="/tmp")))
     try:
-        yield {"host": "127.0.0.1", "port": port, "user": "postgres"}
+        yield {"host": "127.0.0.1", "port": server.port, "user": "postgres"}
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        server.stop()
 
 
 _PG_DATABASES = iter(range(1, 1_000_000))
@@ -134,3 +102,30 @@ def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'results.sqlite'}"
     return new_pg_database(request.getfixturevalue("postgres_server"))
+
+
+# --- real servers: Orthanc (PACS), dcmtk and dicom3tools ------------------------------------
+
+def need_tool(name: str, package: str) -> str:
+    """The path of a command-line tool; fail in CI and skip elsewhere when it is missing."""
+    import shutil
+
+    found = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if not found:
+        _missing(f"{name} not found (apt-get install {package})")
+    return found
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """Debian's Orthanc with the DICOMweb plugin, on free loopback ports (benchmarks.servers.Orthanc)."""
+    from benchmarks.servers import ORTHANC_DICOMWEB, Orthanc
+
+    binary = need_tool("Orthanc", "orthanc")
+    if not ORTHANC_DICOMWEB.exists():
+        _missing("the Orthanc DICOMweb plugin is missing (apt-get install orthanc-dicomweb)")
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"), binary)
+    try:
+        yield server.as_dict()
+    finally:
+        server.stop()

@@ -71,8 +71,12 @@ def study_info(ds: Dataset, fallback_key: str) -> StudyInfo:
 
 def image_info(ds: Dataset) -> ImageInfo:
     tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    orientation = ds.get("PatientOrientation", "")
     return ImageInfo(
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        patient_orientation="\\".join(str(v) for v in orientation) if not isinstance(orientation, str) else orientation,
         modality=_text(ds, "Modality").upper(),
         view_position=_text(ds, "ViewPosition").upper(),
         rows=int(ds.get("Rows", 0) or 0),

@@ -26,6 +26,7 @@ from batchcxr.domain import ImageStatus, ModelOutput, PreparedImage, Rejection, 
 from batchcxr.store.db import SQLITE_BUSY_TIMEOUT_S, make_engine, migrate
 from batchcxr.store.files import FileRecords
 from batchcxr.store.lists import StudyLists
+from batchcxr.store.outbox import OutboxRecords
 from batchcxr.store.review import ReviewRecords
 from batchcxr.store.schema import (
     DaemonStatus,
@@ -120,7 +121,7 @@ def _insert_for(dialect: str):
     return insert
 
 
-class Store(FileRecords, StudyLists, ReviewRecords):
+class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
     """Results database over one engine (plus a read engine for SQLite); each public write is one
     transaction."""
 
@@ -302,6 +303,9 @@ class Store(FileRecords, StudyLists, ReviewRecords):
             content_sha256=source.sha256, study_id=study_id, path=str(source.path), kind=source.kind.value,
             patient_id=study.patient_id if study else "", patient_name=study.patient_name if study else "",
             sop_instance_uid=image.sop_instance_uid if image else "", modality=image.modality if image else "",
+            sop_class_uid=image.sop_class_uid if image else "",
+            series_instance_uid=image.series_instance_uid if image else "",
+            patient_orientation=image.patient_orientation if image else "",
             view_position=image.view_position if image else "", rows=image.rows if image else 0,
             columns=image.columns if image else 0, status=status, reason=reason, qc_notes=qc_notes,
             display_path=display_path, lungs_path=lungs_path, updated_at=now))
@@ -499,6 +503,14 @@ class Store(FileRecords, StudyLists, ReviewRecords):
         with self.read_session() as s:
             image = s.get(Image, image_id)
             return image.display_path if image and image.display_path else None
+
+    def count_study_images(self, study_keys: Sequence[str]) -> dict[str, int]:
+        """Images recorded per study key (pull skips studies it already has)."""
+        if not study_keys:
+            return {}
+        with self.read_session() as s:
+            return dict(s.execute(select(Study.study_key, func.count(Image.id)).join(Image, Image.study_id == Study.id)
+                                  .where(Study.study_key.in_(list(study_keys))).group_by(Study.study_key)).all())
 
     def lungs_file(self, image_id: int) -> str | None:
         """The lung-outline layer of an image row, as recorded."""

@@ -82,6 +82,9 @@ class Image(Base):
     path: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(8))
     sop_instance_uid: Mapped[str] = mapped_column(String(128), default="")
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    series_instance_uid: Mapped[str] = mapped_column(String(128), default="")
+    patient_orientation: Mapped[str] = mapped_column(String(32), default="")
     patient_id: Mapped[str] = mapped_column(Text, default="")
     patient_name: Mapped[str] = mapped_column(Text, default="")
     """What this file says about its patient (the study keeps the first; a difference is a conflict)."""
@@ -255,3 +258,27 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32))
     target: Mapped[str] = mapped_column(Text, default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class OutboxItem(Base):
+    """A DICOM object to send to one destination (an SR, an SC or a GSPS), recorded before it is
+    sent, retried with back-off, marked sent only on a success status. Its SOP Instance UID is
+    derived from what it reports, so a resend replaces and never duplicates."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_outbox_destination_uid"),
+                      Index("ix_outbox_status_next", "status", "next_attempt_at"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    """sr, sc or gsps."""
+    study_key: Mapped[str] = mapped_column(String(255))
+    sop_instance_uid: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(Text)
+    """The encoded object, in the outbox folder."""
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
