@@ -304,9 +304,11 @@ def _mtime(path: Path) -> float:
                    "takes the lock file so two such runs never overlap (the nightly job).")
 @click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write Prometheus metrics here at the end (node_exporter's textfile collector).")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:8786|local:N",
+              help="Score on Dask workers (a running scheduler, or a LocalCluster of N workers).")
 def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path | None,
           batch_size: int | None, rescore: bool, retry_failed: bool, progress: bool | None,
-          since: str | None, metrics_file: Path | None) -> None:
+          since: str | None, metrics_file: Path | None, scheduler: str | None) -> None:
     """Score every DICOM/JPEG/PNG image under PATH with both models; write the database and reports.
 
     \b
@@ -322,7 +324,7 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
     from batchcxr.signals import StopNow
 
     log = logging.getLogger("batchcxr")
-    settings = _settings(config, db_url=db_url, reports_dir=reports_dir, batch_size=batch_size)
+    settings = _settings(config, db_url=db_url, reports_dir=reports_dir, batch_size=batch_size, scheduler=scheduler)
     EARLY.set_timeout(settings.watch.stop_timeout_seconds)
     cutoff = _parse_since(since) if since else None
     lock = FileLock(str(settings.lock_file)) if since else None
@@ -367,6 +369,10 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
             sys.exit(EXIT_CANNOT_RUN)
         finally:
             EARLY.disarm()
+            if settings.scheduler:
+                from batchcxr.distributed import close_clients
+
+                close_clients()
         store.close()
     finally:
         if lock is not None:
@@ -570,9 +576,10 @@ def report(config: Path | None, db_url: str | None, reports_dir: Path | None, re
 @click.option("--polling/--inotify", default=None, help="Poll the folder (network shares) instead of inotify.")
 @click.option("--max-idle", type=float, default=None, help="Exit after this many idle seconds (tests, one-shot use).")
 @click.option("--log-json", is_flag=True, help="Structured JSON logs on stderr (journald, log shippers).")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:8786|local:N", help="Score batches on Dask workers.")
 def watch(drop_dir: Path, config: Path | None, db_url: str | None, reports_dir: Path | None,
           archive_dir: str | None, quarantine_dir: str | None, polling: bool | None,
-          max_idle: float | None, log_json: bool) -> None:
+          max_idle: float | None, log_json: bool, scheduler: str | None) -> None:
     """Watch DROP_DIR: score each study once it is complete; archive or quarantine its files.
 
     Faults (disk full, database locked or unreachable, folders not writable) are logged, shown
@@ -586,7 +593,7 @@ def watch(drop_dir: Path, config: Path | None, db_url: str | None, reports_dir: 
     watch_overrides = {k: v for k, v in (("archive_dir", archive_dir), ("quarantine_dir", quarantine_dir),
                                          ("polling", polling)) if v is not None}
     settings = _settings(config, db_url=db_url, reports_dir=reports_dir,
-                         watch=watch_overrides or None)
+                         watch=watch_overrides or None, scheduler=scheduler)
     try:
         store = _open_store(settings, upgrade=False)  # the watcher migrates, retrying while the database is down
         scorer = Scorer.from_settings(settings, store)

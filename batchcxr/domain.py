@@ -90,6 +90,10 @@ class PreparedImage:
     qc_notes: list[str] = field(default_factory=list)
     display_file: str = ""
     """The display image's path relative to the reports folder, once written."""
+    display_jpeg: bytes | None = None
+    """The encoded display image, when the reports folder is not at hand (a Dask worker)."""
+    inferred: tuple | None = None
+    """(model outputs, lung mask) when the models already ran (on a Dask worker)."""
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def _lstat_source(path: Path) -> SourceFile:
 
 
 def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size: int,
-                 reports_dir: Path, incomplete_seconds: float = 0.0) -> Prepared:
+                 reports_dir: Path | None, incomplete_seconds: float = 0.0) -> Prepared:
     """Read one file, normalize it and write its display JPEG into ``reports_dir`` (runs in a
     worker process). Never raises for a bad file; a failing report write (disk full) raises.
 
@@ -214,7 +214,10 @@ def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size:
         age = time.time() - ident.mtime_ns / 1e9
         result = Deferred(source, f"incomplete and modified {age:.0f} s ago (still being written?): {result.reason}")
     if isinstance(result, PreparedImage):
-        result = write_display(result, reports_dir)  # not the file's fault if this fails: the run stops
+        if reports_dir is None:  # a Dask worker: the client writes the reports
+            result = dataclasses.replace(result, display=None, display_jpeg=encode_image(result.display))
+        else:
+            result = write_display(result, reports_dir)  # not the file's fault if this fails: the run stops
     return Prepared(source, result, time.perf_counter() - start)
 
 
@@ -231,6 +234,39 @@ def model_threads(settings: Settings, n_models: int) -> int:
     if settings.model_threads > 0:
         return settings.model_threads
     return max(1, ((os.cpu_count() or 1) - settings.decode_workers) // max(1, n_models))
+
+
+def infer_batch(models: list[ScoringModel], lungs: LungModel, batch: list[PreparedImage], require_chest: bool,
+                pool: ThreadPoolExecutor | None = None):
+    """The infer stage for one batch: segment the lungs, refuse what is not a frontal chest
+    radiograph, put each model's input under its lung contract and run the models (side by side
+    in ``pool`` when given). Returns (kept items, outputs per kept item, lung mask per kept item,
+    rejections). Pure but for the models: the same function runs in the scorer and on Dask workers."""
+    import numpy as np
+
+    x = np.stack([p.model_input for p in batch])
+    probs = lungs.probabilities(x)
+    checks = [check_lungs(p) for p in probs]
+    keep, rejected = [], []
+    for k, (item, (_, check)) in enumerate(zip(batch, checks)):
+        reason = check.reason() if require_chest else None
+        if reason:
+            rejected.append(Rejection(item.source, ImageStatus.SKIPPED, FailStage.QUALITY,
+                                      f"not a frontal chest radiograph: {reason}", item.study, item.image))
+        else:
+            keep.append(k)
+    if not keep:
+        return [], [], [], rejected
+    kept = [batch[k] for k in keep]
+    x, probs, masks = x[keep], probs[keep], [checks[k][0] for k in keep]
+    inputs = {}
+    for mode in {m.lungs for m in models}:
+        xm, boxes, _ = lungs.transform(x, mode, probs) if mode != "none" else (x, None, None)
+        for eq in {m.equalize for m in models if m.lungs == mode}:
+            inputs[mode, eq] = (finish_batch(xm, eq), boxes)
+    run = lambda m: m.run_finished(*inputs[m.lungs, m.equalize])  # noqa: E731
+    outs = list(pool.map(run, models)) if pool is not None else [run(m) for m in models]
+    return kept, [list(o) for o in zip(*outs)], masks, rejected
 
 
 class Scorer:
@@ -333,54 +369,32 @@ class Scorer:
         atomic_write(out / rel, encode_layer(lung_outline_layer(lungs, shape, next(iter(boxes), None))), tmp)
         return item.display_file, overlays, rel
 
-    def _gate(self, run_id: int, batch: list[PreparedImage], probs, summary: RunSummary):
-        """The lung-field quality gate: images that are not frontal chest radiographs are skipped
-        with the reason; returns the batch, maps and masks of the rest."""
-        checks = [check_lungs(p) for p in probs]
-        if not self.settings.quality.require_chest:
-            return batch, probs, [m for m, _ in checks]
-        keep, rejected = [], []
-        for k, (item, (_, check)) in enumerate(zip(batch, checks)):
-            reason = check.reason()
-            if reason:
-                rejected.append(Rejection(item.source, ImageStatus.SKIPPED, FailStage.QUALITY,
-                                          f"not a frontal chest radiograph: {reason}", item.study, item.image))
-            else:
-                keep.append(k)
-        if rejected:
-            self._record_rejections(run_id, rejected, summary)
-        return [batch[k] for k in keep], probs[keep] if keep else probs[:0], [checks[k][0] for k in keep]
-
     def _score_batch(self, run_id: int, batch: list[PreparedImage], summary: RunSummary) -> None:
-        """Segment the lungs, gate, run the models on one batch, then hand its images and rows to
-        the writer thread, so the next batch's inference overlaps this batch's images and rows."""
-        import numpy as np
-
-        try:
+        """Segment the lungs, gate, run the models on one batch (unless a Dask worker did), then hand
+        its images and rows to the writer thread, so the next batch's inference overlaps this
+        batch's images and rows."""
+        if batch and batch[0].inferred is not None:
+            kept = batch
+            per_image = [item.inferred[0] for item in batch]
+            masks = [item.inferred[1] for item in batch]
+        else:
             t0 = time.perf_counter()
-            x = np.stack([p.model_input for p in batch])
-            probs = self.lungs.probabilities(x)
-            batch, probs, masks = self._gate(run_id, batch, probs, summary)
-            if not batch:
-                summary.stages["infer"] += time.perf_counter() - t0
+            try:
+                kept, per_image, masks, rejected = infer_batch(self.models, self.lungs, batch,
+                                                               self.settings.quality.require_chest, self._infer)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("inference failed for a batch of %d", len(batch))
+                rejections = [Rejection(p.source, ImageStatus.FAILED, FailStage.INFER, f"inference failed: {exc}",
+                                        p.study, p.image, _digest(exc)) for p in batch]
+                self._record_rejections(run_id, rejections, summary)
                 return
-            x = np.stack([p.model_input for p in batch])
-            inputs = {}
-            for mode in {m.lungs for m in self.models}:
-                xm, boxes, _ = self.lungs.transform(x, mode, probs) if mode != "none" else (x, None, None)
-                for eq in {m.equalize for m in self.models if m.lungs == mode}:
-                    inputs[mode, eq] = (finish_batch(xm, eq), boxes)
-            outs = self._infer.map(lambda m: m.run_finished(*inputs[m.lungs, m.equalize]), self.models)
-            per_image = list(zip(*outs))
             summary.stages["infer"] += time.perf_counter() - t0
-        except Exception as exc:  # noqa: BLE001
-            log.exception("inference failed for a batch of %d", len(batch))
-            rejections = [Rejection(p.source, ImageStatus.FAILED, FailStage.INFER, f"inference failed: {exc}",
-                                    p.study, p.image, _digest(exc)) for p in batch]
-            self._record_rejections(run_id, rejections, summary)
+            if rejected:
+                self._record_rejections(run_id, rejected, summary)
+        if not kept:
             return
         self._wait_for_writer()  # at most one batch waits to be written: memory stays flat
-        self._writing = self._writer.submit(self._write_batch, run_id, batch, per_image, masks, summary)
+        self._writing = self._writer.submit(self._write_batch, run_id, kept, per_image, masks, summary)
 
     def _wait_for_writer(self) -> None:
         if self._writing is not None:
@@ -391,6 +405,11 @@ class Scorer:
         """Overlays and JPEGs first, then the rows: the database never names a missing file."""
         scored = []
         t0 = time.perf_counter()
+        for k, item in enumerate(batch):
+            if item.display_jpeg is not None:  # prepared on a Dask worker
+                rel = display_file(item.source.sha256)
+                atomic_write(self.settings.reports_dir / rel, item.display_jpeg, self.reports.tmp)
+                batch[k] = dataclasses.replace(item, display_jpeg=None, display_file=rel)
         for item, outputs, lungs in zip(batch, per_image, masks):
             display, overlays, outline = self._write_images(item, outputs, lungs)
             scored.append(ScoredImage(item, list(outputs), display, overlays, outline))
@@ -545,8 +564,14 @@ class Scorer:
         self._infer = ThreadPoolExecutor(max_workers=len(self.models), thread_name_prefix="batchcxr-infer")
         self._writing = None
         admitted = self._admit(paths, summary, early, claimed, rescore=rescore, retry_failed=retry_failed)
+        if self.settings.scheduler:  # read, decode and both models on Dask workers; rows and reports here
+            from batchcxr.distributed import remote_stream
+
+            stream = remote_stream(self, root, admitted, wait)
+        else:
+            stream = self._prepared_stream(root, admitted, wait)
         try:
-            for prepared in self._prepared_stream(root, admitted, wait):
+            for prepared in stream:
                 summary.stages["prepare"] += prepared.seconds
                 if isinstance(prepared.result, Deferred):
                     self._defer(summary, prepared.result)

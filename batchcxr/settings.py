@@ -190,6 +190,11 @@ class Settings:
     dicom: DicomSettings = field(default_factory=DicomSettings)
     outbox_dir: Path = Path("batchcxr-outbox")
     """DICOM results waiting to be sent (the outbox table names each file)."""
+    scheduler: str = ""
+    """Dask: tcp://HOST:8786 (a running dask scheduler) or local:N (a LocalCluster of N workers) runs
+    reading, decoding and both models on Dask workers; empty: in this process (Dask is not imported)."""
+    dask_tasks_in_flight: int = 0
+    """Tasks (of 8 files) in flight at once; 0: 3 per worker thread. Bounds memory on client and workers."""
     decode_workers: int = 1
     """Processes that read and decode files while the main process runs the models (0: none)."""
     model_threads: int = 0
