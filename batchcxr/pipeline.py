@@ -228,12 +228,20 @@ def prepare_files(paths: list[Path], root: Path, quality: QualitySettings, displ
     return [prepare_file(path, root, quality, display_size, reports_dir, incomplete_seconds) for path in paths]
 
 
-def model_threads(settings: Settings, n_models: int) -> int:
-    """ONNX Runtime threads per model: the setting, or (0) the cores left by the decode workers
-    shared among the models, which run side by side; at least one."""
+def infer_threads(settings: Settings) -> int:
+    """Threads that run infer_batch at once, each on a share of the batch: the setting, or (0)
+    one per core. Splitting the batch keeps every core busy for the whole batch; running the two
+    models side by side leaves a core idle once the smaller model is done (benchmarks/run.py
+    measures the three packings)."""
+    return settings.infer_threads if settings.infer_threads > 0 else (os.cpu_count() or 1)
+
+
+def model_threads(settings: Settings) -> int:
+    """ONNX Runtime threads inside each model run: the setting, or (0) the cores shared among the
+    infer threads; at least one."""
     if settings.model_threads > 0:
         return settings.model_threads
-    return max(1, ((os.cpu_count() or 1) - settings.decode_workers) // max(1, n_models))
+    return max(1, (os.cpu_count() or 1) // infer_threads(settings))
 
 
 def infer_batch(models: list[ScoringModel], lungs: LungModel, batch: list[PreparedImage], require_chest: bool,
@@ -269,6 +277,24 @@ def infer_batch(models: list[ScoringModel], lungs: LungModel, batch: list[Prepar
     return kept, [list(o) for o in zip(*outs)], masks, rejected
 
 
+def infer_split(models: list[ScoringModel], lungs: LungModel, batch: list[PreparedImage], require_chest: bool,
+                pool: ThreadPoolExecutor | None, parts: int):
+    """``infer_batch`` on ``parts`` contiguous shares of the batch at once, one per thread of
+    ``pool`` (ONNX Runtime sessions run concurrently and free the GIL). Same answer as one call,
+    in batch order."""
+    size = -(-len(batch) // max(1, parts))
+    shares = [batch[i : i + size] for i in range(0, len(batch), size)]
+    if pool is None or len(shares) < 2:
+        return infer_batch(models, lungs, batch, require_chest)
+    kept, per_image, masks, rejected = [], [], [], []
+    for k, o, m, r in pool.map(lambda share: infer_batch(models, lungs, share, require_chest), shares):
+        kept += k
+        per_image += o
+        masks += m
+        rejected += r
+    return kept, per_image, masks, rejected
+
+
 class Scorer:
     """Holds the loaded models and settings; scores folder trees into the Store."""
 
@@ -296,13 +322,13 @@ class Scorer:
         """Per run: the thread that writes a batch's images and rows while the next batch is scored."""
         self._writing = None
         self._infer: ThreadPoolExecutor | None = None
-        """Per run: one thread per model, so the models run side by side (ONNX Runtime frees the GIL)."""
+        """Per run: the infer threads, each running the models on its share of a batch."""
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> Scorer:
-        threads = model_threads(settings, len(settings.models))
+        threads = model_threads(settings)
         return cls(settings, store, [load_scoring_model(p, threads) for p in settings.models],
-                   load_lung_model(settings.lung_model, 1))
+                   load_lung_model(settings.lung_model, threads))
 
     @property
     def versions(self) -> list[str]:
@@ -380,8 +406,9 @@ class Scorer:
         else:
             t0 = time.perf_counter()
             try:
-                kept, per_image, masks, rejected = infer_batch(self.models, self.lungs, batch,
-                                                               self.settings.quality.require_chest, self._infer)
+                kept, per_image, masks, rejected = infer_split(self.models, self.lungs, batch,
+                                                               self.settings.quality.require_chest, self._infer,
+                                                               infer_threads(self.settings))
             except Exception as exc:  # noqa: BLE001
                 log.exception("inference failed for a batch of %d", len(batch))
                 rejections = [Rejection(p.source, ImageStatus.FAILED, FailStage.INFER, f"inference failed: {exc}",
@@ -561,7 +588,7 @@ class Scorer:
             chunk.clear()
 
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchcxr-writer")
-        self._infer = ThreadPoolExecutor(max_workers=len(self.models), thread_name_prefix="batchcxr-infer")
+        self._infer = ThreadPoolExecutor(max_workers=infer_threads(self.settings), thread_name_prefix="batchcxr-infer")
         self._writing = None
         admitted = self._admit(paths, summary, early, claimed, rescore=rescore, retry_failed=retry_failed)
         if self.settings.scheduler:  # read, decode and both models on Dask workers; rows and reports here

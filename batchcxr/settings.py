@@ -197,9 +197,11 @@ class Settings:
     """Tasks (of 8 files) in flight at once; 0: 3 per worker thread. Bounds memory on client and workers."""
     decode_workers: int = 1
     """Processes that read and decode files while the main process runs the models (0: none)."""
+    infer_threads: int = 0
+    """Threads that run the models at once, each on its share of a batch (0: one per core)."""
     model_threads: int = 0
-    """ONNX Runtime threads per model; the models run side by side (0: the cores the decode
-    workers leave, shared among the models, at least one)."""
+    """ONNX Runtime threads inside each model run (0: the cores shared among the infer threads,
+    at least one)."""
     lung_model: Path = MODELS_DIR / "lungs"
     """The lung-field segmenter (quality gate, lung contracts of the classifiers, report outlines)."""
     lock_file: Path = Path("batchcxr-score.lock")

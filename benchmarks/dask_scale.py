@@ -1,7 +1,7 @@
 """`python -m benchmarks.dask_scale`: the cost of the Dask path, and what N workers would give.
 
 The same N full-resolution inputs (benchmarks.inputs, JPEG and uncompressed DICOM) scored
-in-process (the default layout: a decode worker plus the models side by side), on `local:1` and
+in-process (the default layout: a decode worker plus the batch split across one infer thread per core), on `local:1` and
 on `local:2` (LocalClusters of single-threaded worker processes), all on this machine and into
 the same kind of database (PostgreSQL: several machines need it). Then the database alone: the
 rate at which the store takes scored images (record_scored batches of 32, as the client writes

@@ -1,4 +1,5 @@
-"""One end-to-end `batchcxr score` run in this process; prints a JSON line (run by benchmarks.run)."""
+"""One end-to-end scoring run in this process - the Store and Scorer calls `batchcxr score`
+makes, without click - printing a JSON line with the run's stages (run by benchmarks.run)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(folder: str, decode_workers: str = "1", model_threads: str = "0") -> None:
+def main(folder: str, decode_workers: str = "1", model_threads: str = "0", db_url: str = "") -> None:
+    """Score ``folder`` into ``db_url`` (default: a new SQLite file) with reports in a temporary folder."""
     with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings(None, {"db_url": f"{tmp}/r.sqlite", "reports_dir": Path(tmp) / "reports",
+        settings = load_settings(None, {"db_url": db_url or f"{tmp}/r.sqlite", "reports_dir": Path(tmp) / "reports",
                                         "decode_workers": int(decode_workers),
                                         "model_threads": int(model_threads)})
         start = time.perf_counter()

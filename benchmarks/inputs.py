@@ -1,7 +1,9 @@
 """Benchmark input sets: real full-resolution chest X-rays replicated to N unique files.
 
 Every copy differs in its bytes (a JPEG comment, or DICOM UIDs), so the pipeline's
-content-hash idempotency treats each as new. Compressed pixel data is encoded once per
+content-hash idempotency treats each as new. Copies come in studies of 1, 2 or 3 images (in turn:
+2 per study on average, as a chest radiograph study with its repeats and views): one folder per
+study for JPEG, one StudyInstanceUID per study for DICOM. Compressed pixel data is encoded once per
 source image and re-used, so building 2,000 JPEG 2000 files takes seconds, not an hour.
 """
 
@@ -37,9 +39,22 @@ def _jpeg_with_comment(data: bytes, text: str) -> bytes:
     return data[:2] + segment + data[2:]
 
 
+STUDY_SIZES = (1, 2, 3)
+
+
+def study_of(n: int) -> list[int]:
+    """The study number of each of n images: studies of 1, 2, 3, 1, 2, 3, ... images."""
+    out: list[int] = []
+    study = 0
+    while len(out) < n:
+        out += [study] * STUDY_SIZES[study % len(STUDY_SIZES)]
+        study += 1
+    return out[:n]
+
+
 def build(kind: str, n: int, out: Path, shared: Path = SHARED) -> Path:
     """Write n files of one kind under out/kind-n (re-used if already complete)."""
-    folder = out / f"{kind}-{n}"
+    folder = out / f"{kind}-{n}-studies"
     done = folder / ".complete"
     if done.exists():
         return folder
@@ -61,14 +76,16 @@ def build(kind: str, n: int, out: Path, shared: Path = SHARED) -> Path:
         write_dicom(tmp, base_dataset(pixels, bits_stored=None if syntax == "jpeg-baseline" else 12), syntax)
         templates.append(pydicom.dcmread(tmp))
         tmp.unlink()
-    for k in range(n):
+    studies = study_of(n)
+    study_uids: dict[int, str] = {}
+    for k, study in enumerate(studies):
         t = templates[k % len(templates)]
-        path = folder / f"{k // 100:03d}" / f"img{k:05d}{'.jpeg' if kind == 'jpeg' else '.dcm'}"
-        path.parent.mkdir(exist_ok=True)
+        path = folder / f"{study // 100:03d}" / f"s{study:05d}" / f"img{k:05d}{'.jpeg' if kind == 'jpeg' else '.dcm'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(t, bytes):
             path.write_bytes(_jpeg_with_comment(t, f"copy {k}"))
         else:
-            t.StudyInstanceUID = generate_uid()
+            t.StudyInstanceUID = study_uids.setdefault(study, generate_uid())
             t.SOPInstanceUID = generate_uid()
             t.file_meta.MediaStorageSOPInstanceUID = t.SOPInstanceUID
             t.save_as(path, enforce_file_format=True)

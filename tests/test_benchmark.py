@@ -11,14 +11,20 @@ def test_benchmark_smoke_run(tmp_path, shared_data):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--n", "20", "--quick", "--kinds",
-         "jpeg,dicom-uncompressed,dicom-jpeg-baseline,dicom-j2k-lossless", "--work", str(tmp_path / "work"),
-         "--out", str(out)],
+         "jpeg,dicom-uncompressed,dicom-jpeg-baseline,dicom-j2k-lossless", "--populated", "300", "--work", str(tmp_path / "work"), "--out", str(out)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["ceiling"]["images_per_s"] > 0 and result["reference"]["images_per_s"] > 0
-    for kind in ("jpeg", "dicom-uncompressed", "dicom-jpeg-baseline", "dicom-j2k-lossless"):
-        e2e = result["e2e"][kind]
-        assert e2e["scored"] == 20 and e2e["failed"] == 0, kind
+    assert set(result["ceiling"]["ways"]) == {"sequential, all cores per model", "side by side, cores shared",
+                                              "batch split, one thread per core"}
+    cases = ("jpeg", "dicom-uncompressed", "dicom-jpeg-baseline", "dicom-j2k-lossless", "jpeg, cold cache",
+             "jpeg, 300 studies stored")
+    assert set(result["e2e"]) == set(cases)
+    for case in cases:
+        e2e = result["e2e"][case]
+        assert e2e["scored"] == 20 and e2e["failed"] == 0, case
         assert set(e2e["stages"]) >= {"prepare", "infer", "images", "store", "report"}
+        assert e2e["ceiling_before"] > 0 and e2e["ceiling_after"] > 0 and e2e["cpu_ms_per_image"] > 0, case
+        assert e2e["wall_from_start_s"] > e2e["seconds"], case  # from process start: imports and loading too
     assert "images/s" in proc.stdout and result["one_image_seconds"] > 0

@@ -50,18 +50,19 @@ def test_bad_settings_name_the_problem(tmp_path, text, match):
 def test_every_setting_is_documented_in_readme():
     from dataclasses import fields
 
-    from batchcxr.settings import QualitySettings, WatchSettings, WebSettings
+    from batchcxr.settings import Destination, DicomSettings, QualitySettings, WatchSettings, WebSettings
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for f in [*fields(Settings), *fields(QualitySettings), *fields(WatchSettings), *fields(WebSettings)]:
+    tables = (Settings, QualitySettings, WatchSettings, WebSettings, DicomSettings, Destination)
+    for f in [f for table in tables for f in fields(table)]:
         assert f"`{f.name}`" in readme, f"setting {f.name} is not documented in README.md"
 
 
-def test_model_threads_share_the_cores_the_decode_workers_leave(monkeypatch):
-    from batchcxr.pipeline import model_threads
+def test_the_batch_is_split_across_one_infer_thread_per_core(monkeypatch):
+    from batchcxr.pipeline import infer_threads, model_threads
 
-    assert model_threads(Settings(model_threads=3), 2) == 3
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert model_threads(Settings(), 2) == 1  # never zero (ONNX Runtime would take every core)
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert model_threads(Settings(decode_workers=2), 2) == 7
+    assert (infer_threads(Settings()), model_threads(Settings())) == (16, 1)
+    assert (infer_threads(Settings(infer_threads=4)), model_threads(Settings(infer_threads=4))) == (4, 4)
+    assert model_threads(Settings(infer_threads=32)) == 1  # never zero (ONNX Runtime would take every core)
+    assert model_threads(Settings(model_threads=3)) == 3
