@@ -23,13 +23,14 @@ import time
 import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchcxr import metrics
 from batchcxr.domain import Deferred, FailStage, FileKind, ImageStatus, PreparedImage, Rejection, SourceFile
-from batchcxr.errors import FileChanged, FileTooLarge, FileVanished, NotRegularFile
+from batchcxr.errors import FileChanged, FileTooLarge, FileVanished, InputError, NotRegularFile
 from batchcxr.infer.lungs import LungModel, load_lung_model
 from batchcxr.infer.runtime import ScoringModel, load_scoring_model
 from batchcxr.ingest.complete import is_complete
@@ -228,6 +229,35 @@ def prepare_files(paths: list[Path], root: Path, quality: QualitySettings, displ
     return [prepare_file(path, root, quality, display_size, reports_dir, incomplete_seconds) for path in paths]
 
 
+CRASHED = "the decoder crashed on this file (the process reading it died); not decoded"
+
+
+def prepare_isolated(paths: list[Path], args: tuple, ctx) -> Iterator[Prepared]:
+    """``prepare_file`` for each path, one at a time in a decode worker of its own, after a worker
+    died: a file that kills its process again is recorded as failed (and kept) instead of taking
+    the run with it, and the others are prepared as usual."""
+    pool = None
+    try:
+        for path in paths:
+            if pool is None:
+                pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_init_decode_worker,
+                                           initargs=(os.getpid(),))
+            try:
+                yield pool.submit(prepare_file, path, *args).result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=True)
+                pool = None
+                log.error("%s: %s", path, CRASHED)
+                try:
+                    source = read_regular(path, args[1].max_file_bytes)[0]  # its hash: known as failed
+                except (OSError, InputError):
+                    source = _lstat_source(path)
+                yield Prepared(source, Rejection(source, ImageStatus.FAILED, FailStage.DECODE, CRASHED), 0.0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
 def infer_threads(settings: Settings) -> int:
     """Threads that run infer_batch at once, each on a share of the batch: the setting, or (0)
     one per core. Splitting the batch keeps every core busy for the whole batch; running the two
@@ -359,25 +389,51 @@ class Scorer:
         task_iter = tasks()
         window = max(1, 4 * self.settings.batch_size // TASK_FILES)  # bounded look-ahead: memory stays flat
         ctx = multiprocessing.get_context("spawn")  # workers are our children: they die with us
-        with ProcessPoolExecutor(max_workers=self.settings.decode_workers, mp_context=ctx,
-                                 initializer=_init_decode_worker, initargs=(os.getpid(),)) as pool:
-            pending: deque = deque()
 
-            def submit_next() -> None:
-                task = next(task_iter, None)
-                if task is not None:
-                    for path in task:
-                        _read_ahead(path)
-                    pending.append(pool.submit(prepare_files, task, *args))
+        def new_pool() -> ProcessPoolExecutor:
+            return ProcessPoolExecutor(max_workers=self.settings.decode_workers, mp_context=ctx,
+                                       initializer=_init_decode_worker, initargs=(os.getpid(),))
 
+        pool = new_pool()
+        pending: deque[tuple[Future | None, list[Path]]] = deque()
+
+        def submit_next() -> None:
+            task = next(task_iter, None)
+            if task is None:
+                return
+            for path in task:
+                _read_ahead(path)
+            try:
+                pending.append((pool.submit(prepare_files, task, *args), task))
+            except BrokenProcessPool:
+                pending.append((None, task))  # a worker died since the last result: recovered below
+
+        try:
             for _ in range(window):
                 submit_next()
             for path in head:
                 yield prepare_file(path, *args)
             while pending:
-                done = pending.popleft().result()
+                future, task = pending.popleft()
+                try:
+                    if future is None:
+                        raise BrokenProcessPool("a decode worker died")
+                    done = future.result()
+                except BrokenProcessPool:
+                    # a decoder ended its worker process (a native crash): which file did it is not known,
+                    # so every file in flight is prepared again on its own, then the pool starts afresh
+                    lost = task + [path for _, t in pending for path in t]
+                    pending.clear()
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    yield from prepare_isolated(lost, args, ctx)
+                    pool = new_pool()
+                    for _ in range(window):
+                        submit_next()
+                    continue
                 submit_next()
                 yield from done
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _write_images(self, item: PreparedImage, outputs, lungs) -> tuple[str, dict[str, str], str]:
         """One Grad-CAM layer per model and the lung outline (prepare_file wrote the display JPEG)."""

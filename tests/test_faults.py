@@ -336,6 +336,28 @@ def test_kill_9_of_score_takes_its_decode_workers_with_it(tmp_path):
     wait_until(lambda: not [k for k in kids if alive(k)], 30, what=f"children {kids} gone")
 
 
+def test_a_decode_worker_that_dies_costs_no_file(tmp_path):
+    """The kernel's OOM killer, or a decoder crashing on a file, ends a decode worker mid-task: the
+    files it held are prepared again one at a time in a fresh worker, the run goes on, every file
+    is scored once (one that kills its worker again would be recorded as failed, and kept)."""
+    folder = tmp_path / "in"
+    for i in range(40):
+        dicom_file(folder / f"w{i}.dcm", chest_like(rows=1200, cols=1000, seed=1100 + i))
+    cfg = write_config(tmp_path, top={"decode_workers": 1, "batch_size": 4})
+    proc = subprocess.Popen([sys.executable, "-m", "batchcxr.cli", "score", str(folder), "--config", str(cfg),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (worker,) = wait_until(lambda: [c for c in children(proc.pid) if "spawn_main" in _cmdline(c)
+                                    and "resource_tracker" not in _cmdline(c)], 120, interval=0.02,
+                           what="the decode worker")
+    os.kill(worker, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "scored     40" in out and "failed     0" in out, out
+    store = Store.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    assert _count(store, Prediction) == 80 and _count(store, ErrorRecord) == 0
+    store.close()
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

@@ -15,9 +15,10 @@ import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi
+from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import (
     JPEG2000,
+    AllTransferSyntaxes,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -36,6 +37,26 @@ from batchcxr.normalize.window import (
     rgb_to_gray,
     to_uint8,
 )
+
+
+def never_decode_with_gdcm() -> None:
+    """Take GDCM out of pydicom's decoder plugins. On some corrupt JPEG frames it ends the whole
+    process (std::terminate from a C++ exception, or SIGSEGV) where pylibjpeg raises an error we
+    record; pydicom falls back to it whenever python-gdcm is installed (the test extras install it
+    to *write* JPEG Lossless files). Found by benchmarks.fuzz; every syntax we score has another
+    decoder (README, Input handling)."""
+    for uid in AllTransferSyntaxes:
+        try:
+            decoder = get_decoder(uid)
+        except NotImplementedError:
+            continue
+        try:
+            decoder.remove_plugin("gdcm")
+        except ValueError:
+            pass  # not registered for this syntax, or removed already
+
+
+never_decode_with_gdcm()
 
 
 @dataclass(frozen=True)
