@@ -338,6 +338,7 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
         try:
             store = _open_store(settings)
             scorer = Scorer.from_settings(settings, store)
+            scorer.adopt_dead_claims()  # a run of ours that died holding files: they are suspects
         except Exception as exc:  # noqa: BLE001 - reported, with exit code 3
             log.error("cannot start: %s", exc)
             sys.exit(EXIT_CANNOT_RUN)

@@ -49,7 +49,7 @@ from batchcxr.report.overlay import (
 )
 from batchcxr.report.render import TMP_DIR, ReportWriter, atomic_write
 from batchcxr.settings import QualitySettings, Settings
-from batchcxr.signals import Stop
+from batchcxr.signals import Stop, process_alive
 from batchcxr.store.repo import Known, ScoredImage, Store
 from batchcxr.store.schema import utcnow
 
@@ -353,6 +353,9 @@ class Scorer:
         self._writing = None
         self._infer: ThreadPoolExecutor | None = None
         """Per run: the infer threads, each running the models on its share of a batch."""
+        self.suspects: set[str] = set()
+        """Paths a process of this host held when it died (adopt_dead_claims): one of them may
+        have killed it, so each is prepared in a decode worker of its own (prepare_isolated)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> Scorer:
@@ -360,11 +363,28 @@ class Scorer:
         return cls(settings, store, [load_scoring_model(p, threads) for p in settings.models],
                    load_lung_model(settings.lung_model, threads))
 
+    def adopt_dead_claims(self) -> list[str]:
+        """Take over the claims of this host's dead processes (a crash, kill -9, the OOM killer);
+        their files become suspects. Returns their paths."""
+        paths = self.store.release_dead_claims(socket.gethostname(), process_alive)
+        self.suspects.update(paths)
+        return paths
+
     @property
     def versions(self) -> list[str]:
         return [m.version for m in self.models]
 
     # stage helpers ---------------------------------------------------------
+    def _prepare_here(self, paths: Iterable[Path], args: tuple) -> Iterator[Prepared]:
+        """prepare_file in this process, but for suspects (adopt_dead_claims): those go to a decode
+        worker of their own, so a file that crashes its decoder costs that file, not a crash loop."""
+        for path in paths:
+            if str(path) in self.suspects:
+                yield from prepare_isolated([path], args, multiprocessing.get_context("spawn"))
+                self.suspects.discard(str(path))
+            else:
+                yield prepare_file(path, *args)
+
     def _prepared_stream(self, root: Path, paths: Iterator[Path], incomplete_seconds: float) -> Iterator[Prepared]:
         """prepare_file over paths, in order; in worker processes when configured and worth it
         (at least twice a batch to read)."""
@@ -373,8 +393,7 @@ class Scorer:
         size = self.settings.batch_size
         first = list(itertools.islice(paths, 2 * size))
         if self.settings.decode_workers < 1 or len(first) < 2 * size:
-            for path in itertools.chain(first, paths):
-                yield prepare_file(path, *args)
+            yield from self._prepare_here(itertools.chain(first, paths), args)
             return
         head = first[:size]  # prepared here while the worker processes start (~0.7 s)
         paths = itertools.chain(first[size:], paths)
@@ -411,8 +430,7 @@ class Scorer:
         try:
             for _ in range(window):
                 submit_next()
-            for path in head:
-                yield prepare_file(path, *args)
+            yield from self._prepare_here(head, args)
             while pending:
                 future, task = pending.popleft()
                 try:

@@ -226,7 +226,7 @@ class Watcher:
             try:
                 self.store.upgrade()
                 stale = self.store.interrupt_stale_runs(self.host, process_alive)
-                dropped = self.store.release_dead_claims(self.host, process_alive)
+                dropped = len(self.scorer.adopt_dead_claims())
                 removed = self.scorer.reports.clean_temp(process_alive)
                 if stale or dropped or removed:
                     log.info("start: %d stale runs marked interrupted, %d dead claims dropped, %d temp files removed",

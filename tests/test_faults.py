@@ -358,6 +358,40 @@ def test_a_decode_worker_that_dies_costs_no_file(tmp_path):
     store.close()
 
 
+def test_a_file_whose_worker_dies_is_recorded_as_failed_and_the_rest_go_on(tmp_path):
+    """prepare_isolated, what a restarted scorer uses for the files a dead process held: the worker
+    dies while it has the first file (killed here, as a crashing decoder would end it); that file
+    comes back as failed with its hash, the next one is prepared in a fresh worker."""
+    import multiprocessing
+
+    from batchcxr.domain import PreparedImage, Rejection
+    from batchcxr.pipeline import CRASHED, prepare_isolated
+    from batchcxr.settings import QualitySettings
+
+    first = dicom_file(tmp_path / "in" / "a.dcm", chest_like(seed=1201))
+    second = dicom_file(tmp_path / "in" / "b.dcm", chest_like(seed=1202))
+    args = (tmp_path / "in", QualitySettings(), 256, tmp_path / "reports", 0.0)
+    (tmp_path / "reports").mkdir()
+    me, killed = os.getpid(), []
+
+    def kill_the_first_worker() -> None:
+        worker = wait_until(lambda: [c for c in children(me) if "spawn_main" in _cmdline(c)
+                                     and "resource_tracker" not in _cmdline(c)], 60, interval=0.005,
+                            what="the isolated decode worker")[0]
+        os.kill(worker, signal.SIGKILL)
+        killed.append(worker)
+
+    killer = threading.Thread(target=kill_the_first_worker)
+    killer.start()
+    results = prepare_isolated([first, second], args, multiprocessing.get_context("spawn"))
+    a = next(results)
+    killer.join()
+    b = next(results)
+    assert killed and isinstance(a.result, Rejection) and a.result.reason == CRASHED
+    assert a.source.sha256 == _sha(first)  # known by its content: reported as failed earlier next time
+    assert isinstance(b.result, PreparedImage) and b.source.path == second
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

@@ -97,7 +97,7 @@ def test_claims_keep_two_processes_off_the_same_file(store):
     assert store.claim(paths[1:2], "hostB:2", ttl_s=0) == set()  # A's claim has not expired
     store.claim(paths[1:2], "hostA:1", ttl_s=-1)  # A renews with an expiry in the past
     assert store.claim(paths[1:2], "hostB:2") == {paths[1]}  # an expired claim can be taken over
-    assert store.release_dead_claims("hostA", lambda pid: False) == 1  # A's last claim (paths[2])
+    assert store.release_dead_claims("hostA", lambda pid: False) == [paths[2]]  # A's last claim
 
 
 def test_file_records_know_a_file_by_its_identity(store):

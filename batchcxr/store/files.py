@@ -171,15 +171,17 @@ class FileRecords:
         with Session(self.quick, expire_on_commit=False) as s, s.begin():
             s.execute(delete(Claim).where(Claim.owner == owner))
 
-    def release_dead_claims(self, host: str, alive) -> int:
+    def release_dead_claims(self, host: str, alive) -> list[str]:
         """Drop claims of processes on ``host`` that are gone (owner ``host:pid``): a restarted
-        watcher must not wait for its own previous life's claims to expire."""
+        watcher must not wait for its own previous life's claims to expire. Returns their paths."""
         with self.session() as s, s.begin():
             owners = s.scalars(select(Claim.owner).where(Claim.owner.startswith(f"{host}:")).distinct()).all()
             dead = [o for o in owners if o.rsplit(":", 1)[-1].isdigit() and not alive(int(o.rsplit(":", 1)[-1]))]
-            if dead:
-                return s.execute(delete(Claim).where(Claim.owner.in_(dead))).rowcount
-        return 0
+            if not dead:
+                return []
+            paths = list(s.scalars(select(Claim.path).where(Claim.owner.in_(dead))))
+            s.execute(delete(Claim).where(Claim.owner.in_(dead)))
+            return paths
 
     def renew_claims(self, owner: str, ttl_s: float = 600.0) -> None:
         with Session(self.quick, expire_on_commit=False) as s, s.begin():
