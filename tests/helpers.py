@@ -3,6 +3,7 @@ sleep for readiness)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -53,11 +54,21 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           timeout=kwargs.pop("timeout", 300), **kwargs)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_the_tests() -> None:
+    """In a daemon started by a test, between fork and exec: SIGKILL when the test run ends, so a
+    killed run (a timeout, ^C) leaves no daemon watching a deleted folder."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def daemon(cfg: Path, drop: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
     """`batchcxr watch` in a subprocess; stderr to ``log`` (a file, so it never blocks) if given."""
     err = open(log, "w") if log else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, "-m", "batchcxr.cli", "watch", str(drop), "--config", str(cfg), *extra],
-                            stdout=subprocess.DEVNULL, stderr=err, text=True)
+                            stdout=subprocess.DEVNULL, stderr=err, text=True, preexec_fn=_die_with_the_tests)
 
 
 def status(cfg: Path) -> dict:
