@@ -113,3 +113,18 @@ def test_file_records_know_a_file_by_its_identity(store):
     assert store.known_paths([(str(src.path), touched)]) == {}
     store.record_moves([(str(src.path), "/archive/4.dcm")])
     assert store.known_paths([("/archive/4.dcm", same)])["/archive/4.dcm"].sha256 == src.sha256
+
+
+def test_the_worklist_filters_pages_and_caps_its_counts_in_sql(store):
+    from batchcxr.store.lists import WorklistFilter
+
+    run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
+    assert store.record_scored(run, [_item(k, study=f"1.2.{k}") for k in range(1, 10)]) == []
+    everything, positive = WorklistFilter(), WorklistFilter(label="PNEUMONIA")
+    scores = [s.max_score for s in store.worklist(everything, 0, 100)]
+    assert len(scores) == 9 and scores == sorted(scores, reverse=True)
+    assert [s.id for s in store.worklist(everything, 3, 3)] == [s.id for s in store.worklist(everything, 0, 9)][3:6]
+    n = store.count_studies(positive)
+    assert 0 < n < 9 and all(s.positive for s in store.worklist(positive, 0, 100))
+    assert store.count_studies(positive, cap=2) == min(n, 3)  # stops counting after cap + 1
+    assert store.count_studies(everything, cap=100) == store.count_studies() == 9

@@ -43,7 +43,14 @@ class Study(Base):
 
     __tablename__ = "studies"
     __table_args__ = (Index("ix_studies_max_score", "max_score", "id"), Index("ix_studies_study_date", "study_date"),
-                      Index("ix_studies_report_stale", "report_stale"))
+                      Index("ix_studies_report_stale", "report_stale"),
+                      # the worklist filtered by label or agreement, in score order, without walking the
+                      # whole archive (normals sit at the end of the score order)
+                      Index("ix_studies_positive_score", "positive", "max_score", "id"),
+                      Index("ix_studies_negative_score", "negative", "max_score", "id"),
+                      Index("ix_studies_disagree_score", "disagree", "max_score", "id"),
+                      Index("ix_studies_positive_disagree_score", "positive", "disagree", "max_score", "id"),
+                      Index("ix_studies_negative_disagree_score", "negative", "disagree", "max_score", "id"))
     id: Mapped[int] = mapped_column(primary_key=True)
     study_key: Mapped[str] = mapped_column(String(255), unique=True)
     """StudyInstanceUID, or ``folder:<path>`` for JPEG/PNG studies."""

@@ -31,7 +31,7 @@ from batchcxr.export import csv_row, write_csv
 from batchcxr.paths import TEMPLATES_DIR
 from batchcxr.report.render import NOTICE, StudyRow, make_environment, study_row, study_view
 from batchcxr.settings import Settings
-from batchcxr.store.lists import FILTERS, WorklistFilter
+from batchcxr.store.lists import COUNT_CAP, FILTERS, WorklistFilter
 from batchcxr.store.repo import VERDICTS, Store
 from batchcxr.web.security import DUMMY_HASH, check_web_settings, fingerprint, safe_next
 
@@ -183,27 +183,31 @@ def create_app(settings: Settings, store: Store) -> Flask:
         return redirect(url_for("login"))
 
     # --- worklist and study -----------------------------------------------------
-    def page_rows(f: WorklistFilter, page: int) -> tuple[list[Row], int, int]:
-        """One worklist page from SQL: (rows, page, matching studies); a study page loads only its study."""
-        total = store.count_studies(f)
-        pages = max(1, -(-total // web.page_size))
-        page = min(max(1, page), pages)
+    def page_rows(f: WorklistFilter, page: int) -> tuple[list[Row], int, int, bool]:
+        """One worklist page from SQL: (rows, page, matching studies, whether there are more than
+        that); a filtered list counts up to COUNT_CAP. A study page loads only its study."""
+        filtered = bool(f.as_args())
+        total = store.count_studies(f, cap=COUNT_CAP) if filtered else store.count_studies()
+        more = filtered and total > COUNT_CAP
+        total = min(total, COUNT_CAP) if more else total
+        page = max(1, page) if more else min(max(1, page), max(1, -(-total // web.page_size)))
         studies = store.worklist(f, (page - 1) * web.page_size, web.page_size)
         latest = store.latest_verdicts([st.id for st in studies])
         rows = []
         for st in studies:
             v = latest.get(st.id)
             rows.append(Row(study_row(st), v.verdict if v else "", v.reviewer if v else ""))
-        return rows, page, total
+        return rows, page, total, more
 
     @app.get("/")
     @login_required
     def worklist():
         f = WorklistFilter.from_args(request.args)
-        shown, page, total = page_rows(f, request.args.get("page", 1, type=int))
+        shown, page, total, more = page_rows(f, request.args.get("page", 1, type=int))
         audit("worklist", f"page {page}", " ".join(f"{k}={v}" for k, v in f.as_args().items()))
-        pages = max(1, -(-total // web.page_size))
-        return render("web/worklist.html", rows=shown, page=page, pages=pages, total=total,
+        # counted up to the cap: "more than", and a next page while pages are full
+        pages = page + (len(shown) == web.page_size) if more else max(1, -(-total // web.page_size))
+        return render("web/worklist.html", rows=shown, page=page, pages=pages, total=total, more=more,
                       studies_total=store.count_studies(), reviewed=store.count_reviewed(), filters=f.as_args(),
                       choices=FILTERS, model_names=sorted({n for r in shown for n in r.view.scores}))
 
