@@ -71,6 +71,36 @@ def _metrics_table(m: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evidence_lines(m: dict[str, Any] | None) -> list[str]:
+    """Calibration, Grad-CAM-in-lungs and quality-gate lines of one evaluation, as `batchcxr evaluate`
+    prints them and the card shows them (empty when it has none of these)."""
+    if not m:
+        return []
+    lines = []
+    cal = m.get("calibration")
+    if cal:
+        line = f"- calibration: raw ECE {cal['raw']['ece']:.4f}, Brier {cal['raw']['brier']:.4f}"
+        if "calibrated" in cal:
+            line += f"; calibrated ECE {cal['calibrated']['ece']:.4f}, Brier {cal['calibrated']['brier']:.4f}"
+        lines.append(line + ("" if "calibrated" in cal else " (no calibration in the card)"))
+    g = m.get("gradcam")
+    if g:
+        lines.append(f"- Grad-CAM mass inside the lung fields: mean {g['mass_in_lungs_mean']:.3f}, median "
+                     f"{g['mass_in_lungs_median']:.3f}, {g['share_with_70pct_in_lungs']:.1%} of maps with >= 70 % "
+                     f"inside ({g['n']} maps; {g.get('no_evidence', 0)} with no evidence anywhere left out)")
+        lines.append("- Grad-CAM peaks: " + ", ".join(f"{k} {v}" for k, v in sorted(g["peak_regions"].items())))
+        for name, c in g["by_class"].items():
+            if c["n"]:
+                lines.append(f"  - {name}: mass inside {c['mass_in_lungs_mean']:.3f}, peak in the top-left sixteenth "
+                             f"{c['peak_in_top_left_sixteenth']:.1%}, peaks "
+                             + ", ".join(f"{k} {v}" for k, v in sorted(c["peak_regions"].items()))
+                             + f"; no evidence {c.get('no_evidence', 0)}")
+    q = m.get("quality_gate")
+    if q:
+        lines.append(f"- quality gate: {q['refused']} of {q['of']} refused as not frontal chest radiographs")
+    return lines + [""] if lines else []
+
+
 def render_lungs_markdown(card: dict[str, Any]) -> str:
     """The Markdown view of the lung segmenter's card."""
     d = card["held_out_dice"]
@@ -132,10 +162,16 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
         "**Hyper-parameters.** " + ", ".join(f"{k}={v}" for k, v in card["hyperparameters"].items()),
         "",
+        *([f"**Why this model ships.** {card['selection']}", ""] if card.get("selection") else []),
+        *([f"**Calibration.** {card['calibration']['method']} fitted on {card['calibration'].get('fitted_on', 'validation')}"
+           f": a={card['calibration']['a']:.4f}, b={card['calibration']['b']:.4f}.", ""]
+          if card.get("calibration") else []),
         "## Validation (patient-level split of train)",
         _metrics_table(card.get("validation_metrics")),
+        *evidence_lines(card.get("validation_evaluation")),
         "## Test (Kaggle test split, as printed by `batchcxr evaluate`)",
         _metrics_table(test),
+        *evidence_lines(test),
     ]
     if test and test.get("command"):
         parts += [f"Command: `{test['command']}`", ""]

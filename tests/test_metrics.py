@@ -66,3 +66,44 @@ def test_eer_separable_sits_between_classes():
     s = np.array([0.1, 0.2, 0.8, 0.9])
     t = choose_threshold(y, s, "eer")
     assert 0.2 < t <= 0.8
+
+
+def _lung_probability(size: int = 224) -> np.ndarray:
+    """A segmenter map with two lung-shaped blobs (the left and right thirds, rows 20-80 %)."""
+    from batchcxr.normalize.lungfield import LUNG_SIZE
+
+    p = np.zeros((LUNG_SIZE, LUNG_SIZE), np.float32)
+    r0, r1 = int(0.2 * LUNG_SIZE), int(0.8 * LUNG_SIZE)
+    p[r0:r1, int(0.15 * LUNG_SIZE):int(0.42 * LUNG_SIZE)] = 1
+    p[r0:r1, int(0.58 * LUNG_SIZE):int(0.85 * LUNG_SIZE)] = 1
+    return p
+
+
+def test_gradcam_metrics_leave_out_maps_without_evidence():
+    """An all-zero map (no evidence for pneumonia anywhere) has no peak and no mass: it must not count
+    as 0 % inside the lungs, nor as a peak in the top-left corner (argmax of zeros)."""
+    from batchcxr.evaluation.explain import gradcam_lung_metrics
+    from batchcxr.normalize.lungfield import FULL_BOX
+
+    inside = np.zeros((7, 7), np.float32)
+    inside[3, 1] = 1.0  # left lung
+    empty = np.zeros((7, 7), np.float32)
+    probs = np.stack([_lung_probability()] * 3)
+    g = gradcam_lung_metrics([inside, empty, inside], [FULL_BOX] * 3, probs, np.array([1, 0, 0]))
+    assert g["n"] == 2 and g["no_evidence"] == 1
+    assert g["peak_regions"] == {"lung": 2}
+    assert g["by_class"]["NORMAL"]["no_evidence"] == 1 and g["by_class"]["NORMAL"]["n"] == 1
+    assert g["by_class"]["NORMAL"]["peak_in_top_left_sixteenth"] == 0.0
+    assert g["mass_in_lungs_mean"] > 0.5
+
+
+def test_gradcam_metrics_count_a_corner_peak():
+    from batchcxr.evaluation.explain import gradcam_lung_metrics
+    from batchcxr.normalize.lungfield import FULL_BOX
+
+    corner = np.zeros((7, 7), np.float32)
+    corner[0, 0] = 1.0
+    g = gradcam_lung_metrics([corner], [FULL_BOX], _lung_probability()[None], np.array([1]))
+    assert g["no_evidence"] == 0 and g["peak_regions"] == {"corner": 1}
+    assert g["by_class"]["PNEUMONIA"]["peak_in_top_left_sixteenth"] == 1.0
+    assert g["mass_in_lungs_mean"] < 0.3

@@ -66,7 +66,7 @@ def test_card_matches_weights(name):
     card = read_card(MODELS_DIR / name)
     digest = sha256_file(MODELS_DIR / name / card["weights"]["file"])
     assert card["weights"]["sha256"] == digest
-    assert card["version"] == model_version(name, digest)
+    assert card["version"] == model_version(name, digest, card.get("calibration"))
     for key in ("architecture", "preprocessing", "threshold", "training_data", "hyperparameters",
                 "validation_metrics", "library_versions", "created"):
         assert card[key], key

@@ -25,7 +25,7 @@ from batchcxr.evaluation.metrics import (
     reliability,
     roc_curve,
 )
-from batchcxr.modelcard import read_card, write_card
+from batchcxr.modelcard import evidence_lines, read_card, write_card
 from batchcxr.normalize.lungfield import check_lungs
 from batchcxr.paths import MODELS_DIR
 from batchcxr.training.data import file_list_sha256, list_split, load_images
@@ -97,23 +97,7 @@ def format_metrics(m: dict[str, Any]) -> str:
         f"{'NORMAL':<10} {cm[0][0]:>9} {cm[0][1]:>9}",
         f"{'PNEUMONIA':<10} {cm[1][0]:>9} {cm[1][1]:>9}",
     ]
-    cal = m.get("calibration")
-    if cal:
-        lines.append(f"calibration: raw ECE {cal['raw']['ece']:.4f}, Brier {cal['raw']['brier']:.4f}"
-                     + (f"; calibrated ECE {cal['calibrated']['ece']:.4f}, Brier {cal['calibrated']['brier']:.4f}"
-                        if "calibrated" in cal else " (no calibration in the card)"))
-    g = m.get("gradcam")
-    if g:
-        lines.append(f"Grad-CAM mass inside the lung fields: mean {g['mass_in_lungs_mean']:.3f}, median "
-                     f"{g['mass_in_lungs_median']:.3f}; images with >= 70 % inside {g['share_with_70pct_in_lungs']:.3f}")
-        lines.append("Grad-CAM peak: " + ", ".join(f"{k} {v}" for k, v in sorted(g["peak_regions"].items())))
-        for name, c in g["by_class"].items():
-            lines.append(f"  {name:<10} mass inside {c['mass_in_lungs_mean']:.3f}, peak in the top-left sixteenth "
-                         f"{c['peak_in_top_left_sixteenth']:.3f}, peaks: "
-                         + ", ".join(f"{k} {v}" for k, v in sorted(c["peak_regions"].items())))
-    q = m.get("quality_gate")
-    if q:
-        lines.append(f"quality gate: {q['refused']} of {q['of']} refused as not frontal chest radiographs")
+    lines += evidence_lines(m)
     return "\n".join(lines)
 
 

@@ -5,6 +5,11 @@ only its box), then measured against the slightly dilated lung fields the segmen
 that input (normalize.lungfield). A model that reads the lungs puts most of its evidence
 inside them; a model that learned shortcuts peaks on the spine, the borders or the corner where
 burned-in markers ("R", "A-P") sit.
+
+A map with no positive value (the model finds no evidence for pneumonia anywhere: most confident
+normals) has neither a mass distribution nor a peak. It is counted apart, as ``no_evidence``, and
+left out of the mass and peak figures: measured as a share it would be 0 % inside the lungs, and
+its "peak" (argmax of zeros) the top-left pixel, a false marker pattern.
 """
 
 from __future__ import annotations
@@ -27,19 +32,27 @@ def lung_mask_224(probability: np.ndarray, size: int = 224) -> np.ndarray:
 def gradcam_lung_metrics(cams: list[np.ndarray], boxes: list[LungBox], lung_probs: np.ndarray,
                          y: np.ndarray, size: int = 224) -> dict[str, Any]:
     """Mass inside the lungs (mean, median, share of images with >= 70 %) and peak regions, overall
-    and by class; the share of peaks in the top-left sixteenth by class (the marker pattern)."""
-    masses, regions, top_left = [], [], []
-    for cam, box, prob in zip(cams, boxes, lung_probs):
+    and by class; the share of peaks in the top-left sixteenth by class (the marker pattern); the
+    maps with no evidence, which these figures leave out."""
+    masses, regions, top_left, classes = [], [], [], []
+    y = np.asarray(y).astype(int)
+    empty = np.zeros(2, int)
+    for cam, box, prob, label in zip(cams, boxes, lung_probs, y):
         frame = cam_in_frame(cam, box, size)
+        if not float(frame.max()) > 0:
+            empty[label] += 1
+            continue
         mask = lung_mask_224(prob, size)
+        classes.append(label)
         masses.append(mass_inside(frame, mask))
         regions.append(peak_region(frame, mask))
         py, px = np.unravel_index(int(np.argmax(frame)), frame.shape)
         top_left.append(py < size / 4 and px < size / 4)
-    masses_a = np.array(masses)
-    y = np.asarray(y).astype(int)
+    masses_a = np.array(masses) if masses else np.zeros(1)
+    kept = np.array(classes, int)
     out: dict[str, Any] = {
         "n": len(masses),
+        "no_evidence": int(empty.sum()),
         "mass_in_lungs_mean": round(float(masses_a.mean()), 4),
         "mass_in_lungs_median": round(float(np.median(masses_a)), 4),
         "share_with_70pct_in_lungs": round(float((masses_a >= 0.7).mean()), 4),
@@ -48,13 +61,15 @@ def gradcam_lung_metrics(cams: list[np.ndarray], boxes: list[LungBox], lung_prob
         "measured_against": "the lung segmenter's slightly dilated lung fields on each 224 px input",
     }
     for k, name in enumerate(("NORMAL", "PNEUMONIA")):
-        sel = y == k
-        if not sel.any():
+        sel = kept == k
+        if not sel.any() and not empty[k]:
             continue
         out["by_class"][name] = {
             "n": int(sel.sum()),
-            "mass_in_lungs_mean": round(float(masses_a[sel].mean()), 4),
+            "no_evidence": int(empty[k]),
+            "mass_in_lungs_mean": round(float(masses_a[sel].mean()), 4) if sel.any() else None,
             "peak_regions": dict(Counter(r for r, s in zip(regions, sel) if s)),
-            "peak_in_top_left_sixteenth": round(float(np.mean([t for t, s in zip(top_left, sel) if s])), 4),
+            "peak_in_top_left_sixteenth": round(float(np.mean([t for t, s in zip(top_left, sel) if s])), 4)
+            if sel.any() else None,
         }
     return out
