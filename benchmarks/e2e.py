@@ -27,10 +27,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(folder: str, decode_workers: str = "1", model_threads: str = "0", db_url: str = "") -> None:
-    """Score ``folder`` into ``db_url`` (default: a new SQLite file) with reports in a temporary folder."""
+def main(folder: str, decode_workers: str = "1", model_threads: str = "0", db_url: str = "", reports: str = "") -> None:
+    """Score ``folder`` into ``db_url`` (default: a new SQLite file) with reports in ``reports``
+    (default: a temporary folder)."""
     with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings(None, {"db_url": db_url or f"{tmp}/r.sqlite", "reports_dir": Path(tmp) / "reports",
+        settings = load_settings(None, {"db_url": db_url or f"{tmp}/r.sqlite",
+                                        "reports_dir": Path(reports) if reports else Path(tmp) / "reports",
                                         "decode_workers": int(decode_workers),
                                         "model_threads": int(model_threads)})
         start = time.perf_counter()

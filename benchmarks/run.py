@@ -174,9 +174,16 @@ def drop_page_cache(*folders: Path) -> None:
                 os.close(fd)
 
 
-def end_to_end(folder: Path, decode_workers: int, cold: bool = False, db_url: str = "") -> dict:
+def end_to_end(folder: Path, decode_workers: int, cold: bool = False, db_url: str = "",
+               reports: Path | None = None) -> dict:
     """One scoring run in a fresh process group: wall time from process start, CPU time of the
-    process and its children (wait4), peak RSS of the group sampled while it runs."""
+    process and its children (wait4), peak RSS of the group sampled while it runs. ``reports``: a
+    report folder already up to date with ``db_url`` (copied, untimed, for the run to start from)."""
+    run_reports = ""
+    if reports is not None:
+        run_reports = str(reports.with_name(reports.name + "-run"))
+        shutil.rmtree(run_reports, ignore_errors=True)
+        shutil.copytree(reports, run_reports)
     if cold:
         drop_page_cache(folder, MODELS_DIR)
     else:
@@ -185,7 +192,7 @@ def end_to_end(folder: Path, decode_workers: int, cold: bool = False, db_url: st
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.e2e", str(folder), str(decode_workers), "0",
-                                 db_url], stdout=out, stderr=err, text=True, cwd=PROJECT_ROOT, start_new_session=True)
+                                 db_url, run_reports], stdout=out, stderr=err, text=True, cwd=PROJECT_ROOT, start_new_session=True)
         peak, usage = 0.0, None
         while usage is None:
             pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
@@ -217,26 +224,30 @@ def with_ceiling(batch: list, seconds: float, run) -> dict:
     return result
 
 
-def populated_db(work: Path, studies: int) -> str:
-    """A SQLite database already holding ``studies`` synthetic studies (benchmarks.archive)."""
+def populated_db(work: Path, studies: int) -> tuple[str, Path]:
+    """A SQLite database already holding ``studies`` synthetic studies (benchmarks.archive), and a
+    report folder brought up to date with it (the one-time catch-up an archive has had long ago)."""
     from batchcxr.pipeline import Scorer
     from batchcxr.settings import load_settings
     from batchcxr.store.repo import Store
     from benchmarks.archive import populate
 
     path = work / f"populated-{studies}.sqlite"
+    reports = work / f"populated-{studies}-reports"
     done = path.with_suffix(".complete")
     if not done.exists():
         path.unlink(missing_ok=True)
+        shutil.rmtree(reports, ignore_errors=True)
         store = Store.open(f"sqlite:///{path}")
-        settings = load_settings(None, {"db_url": f"sqlite:///{path}", "reports_dir": work / "populated-reports"})
-        versions = {m.name: m.version for m in Scorer.from_settings(settings, store).models}
-        populate(store, studies, versions)
+        settings = load_settings(None, {"db_url": f"sqlite:///{path}", "reports_dir": reports})
+        scorer = Scorer.from_settings(settings, store)
+        populate(store, studies, {m.name: m.version for m in scorer.models})
+        scorer.reports.write_pending(store)
         store.close()
         done.write_text(f"{studies}\n")
     copy = work / "populated-run.sqlite"
     shutil.copyfile(path, copy)  # every run starts from the same archive
-    return f"sqlite:///{copy}"
+    return f"sqlite:///{copy}", reports
 
 
 def one_image_wall(work: Path) -> float:
@@ -291,9 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         result["e2e"]["jpeg, cold cache"] = with_ceiling(batch, args.ceiling_seconds,
                                                          lambda: end_to_end(jpeg, args.decode_workers, cold=True))
     if args.populated:
-        url = populated_db(args.work, args.populated)
+        url, reports = populated_db(args.work, args.populated)
         result["e2e"][f"jpeg, {args.populated:,} studies stored"] = with_ceiling(
-            batch, args.ceiling_seconds, lambda: end_to_end(jpeg, args.decode_workers, db_url=url))
+            batch, args.ceiling_seconds, lambda: end_to_end(jpeg, args.decode_workers, db_url=url, reports=reports))
     result["rss"] = {}
     for n in [int(v) for v in args.rss_n.split(",") if v]:
         result["rss"][n] = end_to_end(build("jpeg", n, args.work), args.decode_workers)
