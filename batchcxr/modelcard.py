@@ -84,7 +84,9 @@ def evidence_lines(m: dict[str, Any] | None) -> list[str]:
             line += f"; calibrated ECE {cal['calibrated']['ece']:.4f}, Brier {cal['calibrated']['brier']:.4f}"
         lines.append(line + ("" if "calibrated" in cal else " (no calibration in the card)"))
     g = m.get("gradcam")
-    if g:
+    if g and not g["n"]:
+        lines.append(f"- Grad-CAM: no map with evidence anywhere ({g.get('no_evidence', 0)} maps)")
+    elif g:
         lines.append(f"- Grad-CAM mass inside the lung fields: mean {g['mass_in_lungs_mean']:.3f}, median "
                      f"{g['mass_in_lungs_median']:.3f}, {g['share_with_70pct_in_lungs']:.1%} of maps with >= 70 % "
                      f"inside ({g['n']} maps; {g.get('no_evidence', 0)} with no evidence anywhere left out)")
@@ -99,6 +101,12 @@ def evidence_lines(m: dict[str, Any] | None) -> list[str]:
     if q:
         lines.append(f"- quality gate: {q['refused']} of {q['of']} refused as not frontal chest radiographs")
     return lines + [""] if lines else []
+
+
+def _calibration_line(c: dict[str, Any]) -> str:
+    return (f"**Calibration.** {c['method']} fitted on {c.get('fitted_on', 'validation')}: "
+            f"a={c['a']:.4f}, b={c['b']:.4f} ({c['formula']}); the threshold on that scale is "
+            f"{c['threshold_calibrated']:.4f}.")
 
 
 def render_lungs_markdown(card: dict[str, Any]) -> str:
@@ -163,9 +171,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         "**Hyper-parameters.** " + ", ".join(f"{k}={v}" for k, v in card["hyperparameters"].items()),
         "",
         *([f"**Why this model ships.** {card['selection']}", ""] if card.get("selection") else []),
-        *([f"**Calibration.** {card['calibration']['method']} fitted on {card['calibration'].get('fitted_on', 'validation')}"
-           f": a={card['calibration']['a']:.4f}, b={card['calibration']['b']:.4f}.", ""]
-          if card.get("calibration") else []),
+        *([_calibration_line(card["calibration"]), ""] if card.get("calibration") else []),
         "## Validation (patient-level split of train)",
         _metrics_table(card.get("validation_metrics")),
         *evidence_lines(card.get("validation_evaluation")),

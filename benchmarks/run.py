@@ -192,7 +192,8 @@ def end_to_end(folder: Path, decode_workers: int, cold: bool = False, db_url: st
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.e2e", str(folder), str(decode_workers), "0",
-                                 db_url, run_reports], stdout=out, stderr=err, text=True, cwd=PROJECT_ROOT, start_new_session=True)
+                                 db_url, run_reports], stdout=out, stderr=err, text=True, cwd=PROJECT_ROOT,
+                                start_new_session=True)
         peak, usage = 0.0, None
         while usage is None:
             pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)

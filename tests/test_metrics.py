@@ -68,7 +68,7 @@ def test_eer_separable_sits_between_classes():
     assert 0.2 < t <= 0.8
 
 
-def _lung_probability(size: int = 224) -> np.ndarray:
+def _lung_probability() -> np.ndarray:
     """A segmenter map with two lung-shaped blobs (the left and right thirds, rows 20-80 %)."""
     from batchcxr.normalize.lungfield import LUNG_SIZE
 
@@ -107,3 +107,14 @@ def test_gradcam_metrics_count_a_corner_peak():
     assert g["no_evidence"] == 0 and g["peak_regions"] == {"corner": 1}
     assert g["by_class"]["PNEUMONIA"]["peak_in_top_left_sixteenth"] == 1.0
     assert g["mass_in_lungs_mean"] < 0.3
+
+
+def test_gradcam_metrics_with_no_evidence_at_all():
+    from batchcxr.evaluation.explain import gradcam_lung_metrics
+    from batchcxr.modelcard import evidence_lines
+    from batchcxr.normalize.lungfield import FULL_BOX
+
+    g = gradcam_lung_metrics([np.zeros((7, 7), np.float32)], [FULL_BOX], _lung_probability()[None], np.array([0]))
+    assert g["n"] == 0 and g["no_evidence"] == 1 and g["mass_in_lungs_mean"] is None
+    assert g["by_class"]["NORMAL"]["mass_in_lungs_mean"] is None
+    assert evidence_lines({"gradcam": g}) == ["- Grad-CAM: no map with evidence anywhere (1 maps)", ""]

@@ -48,14 +48,15 @@ def gradcam_lung_metrics(cams: list[np.ndarray], boxes: list[LungBox], lung_prob
         regions.append(peak_region(frame, mask))
         py, px = np.unravel_index(int(np.argmax(frame)), frame.shape)
         top_left.append(py < size / 4 and px < size / 4)
-    masses_a = np.array(masses) if masses else np.zeros(1)
+    masses_a = np.array(masses, np.float64)
     kept = np.array(classes, int)
+    some = masses_a.size > 0
     out: dict[str, Any] = {
         "n": len(masses),
         "no_evidence": int(empty.sum()),
-        "mass_in_lungs_mean": round(float(masses_a.mean()), 4),
-        "mass_in_lungs_median": round(float(np.median(masses_a)), 4),
-        "share_with_70pct_in_lungs": round(float((masses_a >= 0.7).mean()), 4),
+        "mass_in_lungs_mean": round(float(masses_a.mean()), 4) if some else None,
+        "mass_in_lungs_median": round(float(np.median(masses_a)), 4) if some else None,
+        "share_with_70pct_in_lungs": round(float((masses_a >= 0.7).mean()), 4) if some else None,
         "peak_regions": dict(Counter(regions)),
         "by_class": {},
         "measured_against": "the lung segmenter's slightly dilated lung fields on each 224 px input",
