@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from batchcxr.paths import DEMO_DIR
+from batchcxr.modelcard import read_card
+from batchcxr.paths import DEMO_DIR, MODELS_DIR
 
 from tests.dicoms import dicom_file
 
@@ -33,6 +34,13 @@ def test_score_demo_then_export(tmp_path):
     rows = json.loads(exported.stdout)
     assert len(rows) == 14 and {r["model_name"] for r in rows} == {"cnn", "mobilenetv2"}
     assert all(0 <= r["probability"] <= 1 and r["label"] in ("NORMAL", "PNEUMONIA") for r in rows)
+    # both shipped models are calibrated: the export carries the probability the reports show, and
+    # the label is the raw probability against the raw threshold, i.e. the calibrated one against its own
+    cards = {name: read_card(MODELS_DIR / name) for name in ("cnn", "mobilenetv2")}
+    for r in rows:
+        cal = cards[r["model_name"]]["calibration"]
+        assert 0 <= r["calibrated_probability"] <= 1
+        assert (r["calibrated_probability"] >= cal["threshold_calibrated"]) == (r["label"] == "PNEUMONIA")
     csv_out = _run("export", "--format", "csv", "--out", "x.csv", cwd=tmp_path)
     assert csv_out.returncode == 0 and (tmp_path / "x.csv").read_text().count("\n") == 15
 

@@ -44,8 +44,10 @@ log = logging.getLogger(__name__)
 
 VERDICTS = ("yes", "no", "uncertain")
 _PREDICTION_COLUMNS = (Study.study_key, Study.patient_id, Study.patient_name, Study.accession_number,
-                       Study.study_date, Study.conflict, Image.path, Image.patient_id.label("image_patient_id"), Image.content_sha256, Image.sop_instance_uid,
+                       Study.study_date, Study.conflict, Image.path, Image.patient_id.label("image_patient_id"),
+                       Image.content_sha256, Image.sop_instance_uid,
                        Prediction.model_name, Prediction.model_version, Prediction.probability,
+                       Prediction.calibrated.label("calibrated_probability"),
                        Prediction.label, Prediction.threshold, Prediction.created_at)
 PREDICTION_FIELDS = tuple(c.key for c in _PREDICTION_COLUMNS)
 """The columns of `batchcxr export`, in order."""
