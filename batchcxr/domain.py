@@ -120,6 +120,21 @@ class Deferred:
 
 
 @dataclass(frozen=True)
+class Stored:
+    """A file a Dask worker scored and wrote into the store itself (``dask_workers_write``): what
+    the client needs to count it. ``refused`` is the store's reason when it refused the rows;
+    ``earlier_status`` and ``earlier_reason`` what an earlier run recorded for this content (then
+    nothing was written)."""
+
+    source: SourceFile
+    study: StudyInfo | None = None
+    image: ImageInfo | None = None
+    refused: str = ""
+    earlier_status: str = ""
+    earlier_reason: str = ""
+
+
+@dataclass(frozen=True)
 class ModelOutput:
     """One model's answer for one image."""
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchcxr import metrics
-from batchcxr.domain import Deferred, FailStage, FileKind, ImageStatus, PreparedImage, Rejection, SourceFile
+from batchcxr.domain import Deferred, FailStage, FileKind, ImageStatus, PreparedImage, Rejection, SourceFile, Stored
 from batchcxr.errors import FileChanged, FileTooLarge, FileVanished, InputError, NotRegularFile
 from batchcxr.infer.lungs import LungModel, load_lung_model
 from batchcxr.infer.runtime import ScoringModel, load_scoring_model
@@ -220,6 +220,23 @@ def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size:
         else:
             result = write_display(result, reports_dir)  # not the file's fault if this fails: the run stops
     return Prepared(source, result, time.perf_counter() - start)
+
+
+def write_layers(item: PreparedImage, outputs, lungs, reports_dir: Path, alpha: float) -> tuple[dict[str, str], str]:
+    """One Grad-CAM layer per model and the lung outline into ``reports_dir`` (prepare_file wrote
+    the display JPEG). Returns (overlay path per model, outline path), relative to reports_dir."""
+    tmp = reports_dir / TMP_DIR
+    shape = (item.image.rows, item.image.columns) if item.image.rows and item.image.columns else (1, 1)
+    overlays = {}
+    for o in outputs:
+        rel = f"images/{item.source.sha256[:24]}-{o.model_name}{LAYER_SUFFIX}"
+        layer = heatmap_layer(boxed_heatmap(o.heatmap, o.box), shape, alpha)
+        atomic_write(reports_dir / rel, encode_layer(layer), tmp)
+        overlays[o.model_name] = rel
+    boxes = {o.box for o in outputs if o.box != (0.0, 0.0, 1.0, 1.0)}
+    rel = f"images/{item.source.sha256[:24]}-lungs{LAYER_SUFFIX}"
+    atomic_write(reports_dir / rel, encode_layer(lung_outline_layer(lungs, shape, next(iter(boxes), None))), tmp)
+    return overlays, rel
 
 
 def prepare_files(paths: list[Path], root: Path, quality: QualitySettings, display_size: int,
@@ -453,22 +470,6 @@ class Scorer:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _write_images(self, item: PreparedImage, outputs, lungs) -> tuple[str, dict[str, str], str]:
-        """One Grad-CAM layer per model and the lung outline (prepare_file wrote the display JPEG)."""
-        out = self.settings.reports_dir
-        tmp = self.reports.tmp
-        shape = (item.image.rows, item.image.columns) if item.image.rows and item.image.columns else (1, 1)
-        overlays = {}
-        for o in outputs:
-            rel = f"images/{item.source.sha256[:24]}-{o.model_name}{LAYER_SUFFIX}"
-            layer = heatmap_layer(boxed_heatmap(o.heatmap, o.box), shape, self.settings.overlay_alpha)
-            atomic_write(out / rel, encode_layer(layer), tmp)
-            overlays[o.model_name] = rel
-        boxes = {o.box for o in outputs if o.box != (0.0, 0.0, 1.0, 1.0)}
-        rel = f"images/{item.source.sha256[:24]}-lungs{LAYER_SUFFIX}"
-        atomic_write(out / rel, encode_layer(lung_outline_layer(lungs, shape, next(iter(boxes), None))), tmp)
-        return item.display_file, overlays, rel
-
     def _score_batch(self, run_id: int, batch: list[PreparedImage], summary: RunSummary) -> None:
         """Segment the lungs, gate, run the models on one batch (unless a Dask worker did), then hand
         its images and rows to the writer thread, so the next batch's inference overlaps this
@@ -512,8 +513,9 @@ class Scorer:
                 atomic_write(self.settings.reports_dir / rel, item.display_jpeg, self.reports.tmp)
                 batch[k] = dataclasses.replace(item, display_jpeg=None, display_file=rel)
         for item, outputs, lungs in zip(batch, per_image, masks):
-            display, overlays, outline = self._write_images(item, outputs, lungs)
-            scored.append(ScoredImage(item, list(outputs), display, overlays, outline))
+            overlays, outline = write_layers(item, outputs, lungs, self.settings.reports_dir,
+                                             self.settings.overlay_alpha)
+            scored.append(ScoredImage(item, list(outputs), item.display_file, overlays, outline))
         t1 = time.perf_counter()
         refused = self.store.record_scored(run_id, scored)
         summary.stages["images"] += t1 - t0
@@ -668,7 +670,7 @@ class Scorer:
         if self.settings.scheduler:  # read, decode and both models on Dask workers; rows and reports here
             from batchcxr.distributed import remote_stream
 
-            stream = remote_stream(self, root, admitted, wait)
+            stream = remote_stream(self, root, admitted, wait, run_id, rescore, retry_failed)
         else:
             stream = self._prepared_stream(root, admitted, wait)
         try:
@@ -676,6 +678,8 @@ class Scorer:
                 summary.stages["prepare"] += prepared.seconds
                 if isinstance(prepared.result, Deferred):
                     self._defer(summary, prepared.result)
+                elif isinstance(prepared.result, Stored):  # a Dask worker wrote it (dask_workers_write)
+                    self._stored(run_id, summary, prepared.result, seen)
                 else:
                     chunk.append((prepared.source, prepared.result))
                 if progress:
@@ -708,6 +712,24 @@ class Scorer:
         summary.stages["report"] += time.perf_counter() - t0
         summary.seconds = time.monotonic() - start  # the run row holds the time before reports
         return summary
+
+    def _stored(self, run_id: int, summary: RunSummary, done: Stored, seen: set[str]) -> None:
+        """Count a file a Dask worker scored and wrote (or found scored by an earlier run)."""
+        source = done.source
+        if done.earlier_status:
+            self._earlier(summary, source, Known(done.earlier_status, done.earlier_reason))
+        elif source.sha256 in seen:  # the same content twice in this run: one set of rows
+            summary.unchanged += 1
+            self._note(summary, source.path, FileOutcome(source.sha256, "unchanged"), source)
+        elif done.refused:
+            seen.add(source.sha256)
+            self._record_rejections(run_id, [Rejection(source, ImageStatus.FAILED, FailStage.STORE, done.refused,
+                                                       done.study, done.image)], summary)
+        else:
+            seen.add(source.sha256)
+            summary.scored += 1
+            metrics.IMAGES.inc()
+            self._note(summary, source.path, FileOutcome(source.sha256, ImageStatus.SCORED.value), source)
 
     def _defer(self, summary: RunSummary, d: Deferred) -> None:
         if d.vanished:

@@ -195,6 +195,10 @@ class Settings:
     reading, decoding and both models on Dask workers; empty: in this process (Dask is not imported)."""
     dask_tasks_in_flight: int = 0
     """Tasks (of 8 files) in flight at once; 0: 3 per worker thread. Bounds memory on client and workers."""
+    dask_workers_write: bool = False
+    """Dask workers write the display JPEGs, Grad-CAM layers and rows of what they score themselves
+    (the client records rejections and renders the reports). Needs a server database (PostgreSQL)
+    and a reports folder every worker sees at the same path."""
     decode_workers: int = 1
     """Processes that read and decode files while the main process runs the models (0: none)."""
     infer_threads: int = 0
@@ -291,4 +295,7 @@ def load_settings(
     settings = _merge(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
     if settings.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, found {settings.batch_size}")
+    if settings.dask_workers_write and settings.scheduler and settings.sqlalchemy_url.startswith("sqlite"):
+        raise ConfigError("dask_workers_write: Dask workers writing the store need a server database "
+                          f"(PostgreSQL), not SQLite ({settings.db_url})")
     return settings

@@ -2,7 +2,8 @@
 
 The same N full-resolution inputs (benchmarks.inputs, JPEG and uncompressed DICOM) scored
 in-process (the default layout: a decode worker plus the batch split across one infer thread per core), on `local:1` and
-on `local:2` (LocalClusters of single-threaded worker processes), all on this machine and into
+on `local:2` (LocalClusters of single-threaded worker processes; on `local:2` once with the client
+writing the store and once with the workers writing it, `dask_workers_write`), all on this machine and into
 the same kind of database (PostgreSQL: several machines need it). Then the database alone: the
 rate at which the store takes scored images (record_scored batches of 32, as the client writes
 them). From the per-worker throughput and that rate the README projects N workers and where the
@@ -42,7 +43,7 @@ def _vm_hwm_mb(pid: int) -> float:
     return 0.0
 
 
-def run_score(folder: Path, url: str, reports: Path, scheduler: str) -> dict:
+def run_score(folder: Path, url: str, reports: Path, scheduler: str, workers_write: bool = False) -> dict:
     """One `batchcxr score` in a fresh process: images/s from process start to end, peak RSS of the
     client (and of the worker processes, sampled)."""
     from benchmarks.servers import free_port  # noqa: F401 - keeps the import order of the harness
@@ -53,7 +54,8 @@ def run_score(folder: Path, url: str, reports: Path, scheduler: str) -> dict:
         cmd += ["--scheduler", scheduler]
     os.sync()
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, BATCHCXR_DASK_WORKERS_WRITE="true" if workers_write else "false")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     worker_peak = 0.0
     while proc.poll() is None:
         from tests.helpers import children
@@ -65,7 +67,7 @@ def run_score(folder: Path, url: str, reports: Path, scheduler: str) -> dict:
     if proc.returncode not in (0, 1):
         raise RuntimeError(out)
     scored = int(next(line.split()[1] for line in out.splitlines() if line.strip().startswith("scored")))
-    return {"scheduler": scheduler or "in-process", "scored": scored, "seconds": round(seconds, 1),
+    return {"scheduler": scheduler or "in-process", "workers_write": workers_write, "scored": scored, "seconds": round(seconds, 1),
             "images_per_s": round(scored / seconds, 1),
             "client_peak_rss_mb": round(float(reports.with_suffix(".peak").read_text())),
             "largest_child_peak_rss_mb": round(worker_peak)}
@@ -109,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.kinds.split(","):
             folder = build(kind, args.n, args.work)
             subprocess.run(["cat", *map(str, sorted(folder.rglob("*.*")))], stdout=subprocess.DEVNULL)  # page cache
-            for scheduler in ("", "local:1", "local:2"):
-                tag = f"{kind}-{scheduler.replace(':', '') or 'inprocess'}"
+            for scheduler, workers_write in (("", False), ("local:1", False), ("local:2", False), ("local:2", True)):
+                tag = f"{kind}-{scheduler.replace(':', '') or 'inprocess'}{'-workers' if workers_write else ''}"
                 url = pg.new_database(tag.replace("-", "_"))
                 reports = Path(tempfile.mkdtemp(prefix="batchcxr-reports-")) / "reports"
-                r = run_score(folder, url, reports, scheduler)
+                r = run_score(folder, url, reports, scheduler, workers_write)
                 r["kind"] = kind
                 results["runs"].append(r)
                 print(json.dumps(r), flush=True)

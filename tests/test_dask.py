@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from batchcxr.store.repo import Store
 from batchcxr.store.schema import Image, Prediction, Run
 
-from tests.conftest import free_port
+from tests.conftest import free_port, new_pg_database
 from tests.dicoms import chest_like, dicom_file, jpeg_file
 from tests.helpers import cli, wait_until, write_config
 
@@ -55,32 +55,95 @@ def cluster(tmp_path):
     cluster.close()
 
 
-def test_dask_scores_like_the_process_does(tmp_path, cluster, pg_url):
+def test_dask_scores_like_the_process_does(tmp_path, cluster, postgres_server):
+    """In-process, on Dask with the client writing, and on Dask with the workers writing: the same
+    scores, files and outcomes; a rerun on Dask reads nothing again."""
+    import shutil
+
     from batchcxr.distributed import close_clients
     from batchcxr.pipeline import Scorer
     from batchcxr.settings import Settings
 
     folder = tmp_path / "in"
     _inputs(folder, 12, 2000)
+    shutil.copy(folder / "0.dcm", folder / "copy-of-0.dcm")  # the same content twice: scored once
     results = {}
     try:
-        for name, url, scheduler in (("local", f"sqlite:///{tmp_path / 'l.sqlite'}", ""),
-                                     ("dask", pg_url, cluster.scheduler_address)):
-            settings = Settings(db_url=url, reports_dir=tmp_path / f"rep-{name}", scheduler=scheduler, batch_size=4)
+        for name, url, scheduler, workers_write in (
+                ("local", f"sqlite:///{tmp_path / 'l.sqlite'}", "", False),
+                ("dask", new_pg_database(postgres_server), cluster.scheduler_address, False),
+                ("workers", new_pg_database(postgres_server), cluster.scheduler_address, True)):
+            settings = Settings(db_url=url, reports_dir=tmp_path / f"rep-{name}", scheduler=scheduler, batch_size=4,
+                                dask_workers_write=workers_write)
             store = Store.open(url)
-            summary = Scorer.from_settings(settings, store).score_tree(folder)
-            results[name] = (summary, {(r["path"], r["model_name"]): r["probability"] for r in store.prediction_rows()})
+            scorer = Scorer.from_settings(settings, store)
+            summary = scorer.score_tree(folder)
+            again = scorer.score_tree(folder)
+            # two files with one content share one image row, which names either path (with workers
+            # writing, the one written last): key the scores by the first
+            results[name] = (summary, again, {(r["path"].replace("copy-of-0", "0"), r["model_name"]): r["probability"]
+                                              for r in store.prediction_rows()})
             store.close()
     finally:
         close_clients()
-    (local, local_scores), (dask, dask_scores) = results["local"], results["dask"]
-    assert dask.scored == local.scored == 12 and dask.failed == local.failed
-    assert dask_scores.keys() == local_scores.keys()
-    assert all(abs(dask_scores[k] - local_scores[k]) < 1e-5 for k in local_scores)
-    assert len(list((tmp_path / "rep-dask" / "images").glob("*.jpg"))) == 12  # written by the client
+    local, local_again, local_scores = results["local"]
+    for name in ("dask", "workers"):
+        summary, again, scores = results[name]
+        assert summary.scored == local.scored == 12 and summary.unchanged == local.unchanged == 1, name
+        assert summary.failed == local.failed and sum(summary.failed.values()) == 1, name
+        assert again.scored == 0 and again.unchanged == local_again.unchanged == 13, name
+        assert scores.keys() == local_scores.keys(), name
+        assert all(abs(scores[k] - local_scores[k]) < 1e-5 for k in local_scores), name
+        images = tmp_path / f"rep-{name}" / "images"
+        assert len(list(images.glob("*.jpg"))) == 12 and len(list(images.glob("*.png"))) == 36, name
+        assert (tmp_path / f"rep-{name}" / "index.html").is_file()  # the client renders the pages
 
 
-def test_a_worker_killed_mid_task_loses_and_duplicates_nothing(tmp_path, cluster, pg_url):
+def test_a_task_run_again_counts_what_it_wrote_before_as_scored(tmp_path, cluster, pg_url):
+    """A worker that dies after a batch of its task was committed: Dask runs the task again; the
+    files it wrote are this run's, so they come back scored (not `unchanged`), written once."""
+    from distributed import Client
+
+    from batchcxr.distributed import ModelsPlugin, PLUGIN_NAME, prepare_score_store
+    from batchcxr.domain import Stored
+    from batchcxr.settings import Settings
+
+    folder = tmp_path / "in"
+    _inputs(folder, 6, 5000)
+    settings = Settings(db_url=pg_url, reports_dir=tmp_path / "rep", batch_size=4, dask_workers_write=True)
+    store = Store.open(pg_url)
+    run_id = store.start_run("score", str(folder), [])
+    other_run = store.start_run("score", str(folder), [])
+    paths = sorted(str(p) for p in folder.rglob("*.*") if p.name != "broken.dcm")
+    client = Client(cluster)
+    try:
+        client.register_plugin(ModelsPlugin([str(p) for p in settings.models], str(settings.lung_model)),
+                               name=PLUGIN_NAME)
+        first, again, later = (client.submit(prepare_score_store, paths, str(folder), settings, 0.0, run, pure=False)
+                               .result() for run in (run_id, run_id, other_run))
+    finally:
+        client.close()
+    for results in (first, again):
+        assert [type(p.result) for p in results] == [Stored] * 6
+        assert all(not p.result.earlier_status and not p.result.refused for p in results)
+    assert [p.result.earlier_status for p in later] == ["scored"] * 6  # another run: known, not rewritten
+    assert _counts(pg_url) == (12, 6)
+    store.close()
+
+
+def test_workers_writing_the_store_refuse_sqlite(tmp_path):
+    from batchcxr.settings import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="PostgreSQL"):
+        load_settings(overrides={"scheduler": "local:2", "dask_workers_write": True,
+                                 "db_url": str(tmp_path / "r.sqlite")}, environ={})
+    cfg = write_config(tmp_path, top={"dask_workers_write": True})
+    out = cli("score", str(tmp_path), "--config", str(cfg), "--scheduler", "local:1")
+    assert out.returncode == 2 and "not SQLite" in out.stderr, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("workers_write", [False, True], ids=["client-writes", "workers-write"])
+def test_a_worker_killed_mid_task_loses_and_duplicates_nothing(tmp_path, cluster, pg_url, workers_write):
     from distributed import Client
 
     from batchcxr.distributed import close_clients
@@ -90,7 +153,7 @@ def test_a_worker_killed_mid_task_loses_and_duplicates_nothing(tmp_path, cluster
     folder = tmp_path / "in"
     _inputs(folder, 40, 3000)
     settings = Settings(db_url=pg_url, reports_dir=tmp_path / "rep", scheduler=cluster.scheduler_address, batch_size=4,
-                        dask_tasks_in_flight=2)
+                        dask_tasks_in_flight=2, dask_workers_write=workers_write)
     store = Store.open(pg_url)
     scorer = Scorer.from_settings(settings, store)
     client = Client(cluster)

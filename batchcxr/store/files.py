@@ -71,7 +71,7 @@ class FileRecords:
                              inode=source.inode, size=source.size, mtime_ns=source.mtime_ns,
                              content_sha256=source.sha256, status=status, stage=stage,
                              reason=clean_text(reason), run_id=run_id, moved_to="", updated_at=now)
-        self._upsert(s, SourceFile, list(rows.values()), ["path_hash"],
+        self._upsert(s, SourceFile, [rows[k] for k in sorted(rows)], ["path_hash"],  # key order: no deadlocks
                      ["path", "device", "inode", "size", "mtime_ns", "content_sha256", "status", "stage", "reason",
                       "run_id", "moved_to", "updated_at"])
 

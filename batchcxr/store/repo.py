@@ -233,6 +233,16 @@ class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
                         done[e.content_sha256] = Known(e.status, e.reason, e.stage, e.detail)
         return done
 
+    def scored_by_run(self, sha256s: Iterable[str], run_id: int) -> set[str]:
+        """The hashes among these whose predictions run ``run_id`` wrote (a Dask task run again
+        after its worker died had already written some of its files)."""
+        hashes = list(set(sha256s))
+        if not hashes:
+            return set()
+        with self.read_session() as s:
+            return set(s.scalars(select(Image.content_sha256).join(Prediction, Prediction.image_id == Image.id)
+                                 .where(Image.content_sha256.in_(hashes), Prediction.run_id == run_id)).all())
+
     # writes -----------------------------------------------------------
     def _upsert(self, s: Session, model, rows: list[dict], keys: Sequence[str], update_cols: Sequence[str],
                 keep_nonempty: Sequence[str] = (), extra_sets: dict | None = None) -> None:
@@ -286,8 +296,10 @@ class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
                               literal(f"{LABELS[f]} ") + excluded[f] + literal(" differs from ") + table.c[f]))
             return {"conflict": case(*cases, else_=excluded.conflict)}
 
-        self._upsert(s, Study, list(rows.values()), ["study_key"], [*fields, "updated_at", "report_stale"],
-                     keep_nonempty=fields, extra_sets=conflict)
+        # in key order: writers of overlapping batches (Dask workers, two watchers) lock rows in one
+        # order, so they wait for each other instead of deadlocking
+        self._upsert(s, Study, sorted(rows.values(), key=lambda r: r["study_key"]), ["study_key"],
+                     [*fields, "updated_at", "report_stale"], keep_nonempty=fields, extra_sets=conflict)
         fitted = {r["study_key"]: k for k, r in rows.items()}
         found = s.execute(select(Study.study_key, Study.id).where(Study.study_key.in_(list(fitted)))).all()
         return {fitted[key]: sid for key, sid in found}
@@ -343,7 +355,7 @@ class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
             rows[p.source.sha256] = self._image_row(
                 p.source, p.image, ImageStatus.SCORED.value, "", study_ids[p.study.study_key], now,
                 "; ".join(p.qc_notes), item.display_path, item.lungs_path, p.study)
-        image_ids = self._write_images(s, list(rows.values()))
+        image_ids = self._write_images(s, [rows[k] for k in sorted(rows)])  # key order, as the studies
         preds = {}
         for item in items:
             image_id = image_ids[item.prepared.source.sha256]
@@ -352,7 +364,7 @@ class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
                     image_id=image_id, model_version=out.model_version, run_id=run_id, model_name=out.model_name,
                     probability=out.probability, calibrated=out.calibrated, label=out.label, threshold=out.threshold,
                     heatmap_path=item.overlay_paths.get(out.model_name, ""), created_at=now)
-        self._upsert(s, Prediction, list(preds.values()), ["image_id", "model_version"],
+        self._upsert(s, Prediction, [preds[k] for k in sorted(preds)], ["image_id", "model_version"],
                      ["run_id", "model_name", "probability", "calibrated", "label", "threshold", "heatmap_path",
                       "created_at"])
         self._refresh_studies(s, set(study_ids.values()))
