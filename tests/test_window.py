@@ -1,6 +1,8 @@
+import cv2
 import numpy as np
 import pytest
 
+from batchcxr.normalize.contract import area_shrink, to_model_input
 from batchcxr.normalize.window import apply_window, rescale_to_unit, rgb_to_gray, to_uint8
 
 
@@ -62,3 +64,24 @@ def test_one_pass_range_mapping_equals_the_float_path(dtype, window, invert):
     slow = to_uint8(unit, invert)
     assert fast.dtype == np.uint8 and np.abs(fast.astype(int) - slow.astype(int)).max() <= 1
     assert (fast == slow).mean() > 0.95  # the rest are exact .5 ties, rounded the other way
+
+
+@pytest.mark.parametrize("shape", [(224, 224), (225, 224), (448, 448), (230, 300), (1152, 1422), (1963, 2172),
+                                   (3000, 2500), (224, 1900)])
+def test_area_shrink_equals_opencv_area_resize(shape):
+    rng = np.random.default_rng(sum(shape))
+    noise = rng.integers(0, 256, shape, dtype=np.uint8)
+    smooth = cv2.GaussianBlur(noise, (0, 0), 9)  # radiograph-like: most pixels are no rounding tie
+    for gray in (noise, smooth):
+        ours = area_shrink(gray, 224).astype(int)
+        theirs = cv2.resize(gray, (224, 224), interpolation=cv2.INTER_AREA).astype(int)
+        assert np.abs(ours - theirs).max() <= 1
+        assert np.mean(ours != theirs) < 0.01
+
+
+def test_area_shrink_refuses_to_enlarge_and_the_contract_still_does():
+    with pytest.raises(ValueError, match="only shrinks"):
+        area_shrink(np.zeros((100, 300), np.uint8), 224)
+    small = np.arange(100 * 300, dtype=np.uint32).reshape(100, 300).astype(np.uint8)
+    expected = cv2.resize(small, (224, 224), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(to_model_input(small)[..., 0], expected)
