@@ -157,10 +157,9 @@ def read_regular(path: Path, max_bytes: int) -> tuple[SourceFile, bytes, FileIde
         if FileIdentity.of(opened) != before:
             raise FileChanged(path, "changed while being opened")
         chunks, total = [], 0
-        want = before.size + 1  # the whole file in one read (no join copy), then to its end
+        chunk_size = max(READ_CHUNK, before.size + 1)  # the whole file in one read: no join copy
         while True:
-            chunk = os.read(fd, min(max(want, READ_CHUNK), max_bytes + 1 - total))
-            want = 0
+            chunk = os.read(fd, min(chunk_size, max_bytes + 1 - total))
             if not chunk:
                 break
             chunks.append(chunk)

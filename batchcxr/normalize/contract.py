@@ -76,11 +76,10 @@ def to_model_input(gray: np.ndarray, size: int = CONTRACT.input_size) -> np.ndar
     """
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"gray must be a 2-D uint8 array, found {gray.dtype} {gray.shape}")
-    if gray.shape == (size, size):
-        return gray[..., np.newaxis]
-    if min(gray.shape) >= size:
-        return area_shrink(gray, size)[..., np.newaxis]
-    return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)[..., np.newaxis]
+    if gray.shape != (size, size):
+        shrinks = min(gray.shape) >= size
+        gray = area_shrink(gray, size) if shrinks else cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
+    return gray[..., np.newaxis]
 
 
 def area_shrink(gray: np.ndarray, size: int) -> np.ndarray:
