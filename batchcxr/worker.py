@@ -45,7 +45,7 @@ from batchcxr.ingest.files import FileIdentity, move_into, read_regular, walk
 from batchcxr.ingest.watch import start_observer
 from batchcxr.logs import escape_controls
 from batchcxr.pipeline import FileOutcome, RunSummary, Scorer, folder_key
-from batchcxr.report.render import atomic_write
+from batchcxr.report.files import atomic_write
 from batchcxr.signals import Stop, StopNow, process_alive
 from batchcxr.store.db import sqlite_path
 from batchcxr.store.schema import utcnow

@@ -15,8 +15,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from batchcxr.paths import TEMPLATES_DIR
+from batchcxr.report.files import TMP_DIR, atomic_write, private_dir, remove_stale_temp
 from batchcxr.report.names import dicom_date, folder_of, person_name, study_title
 from batchcxr.store.lists import BUCKET
 from batchcxr.store.schema import ErrorRecord, Study
@@ -32,8 +31,6 @@ from batchcxr.store.schema import ErrorRecord, Study
 log = logging.getLogger(__name__)
 
 NOTICE = "Research software. Not for diagnostic use: every result needs review by a radiologist."
-TMP_DIR = ".tmp"
-"""Temporary files of atomic writes in the reports folder live here (one place to clean up)."""
 FAILURES_PAGE = 200
 STALE_CHUNK = 200
 INDEX_LIST = 50
@@ -42,62 +39,6 @@ INDEX_LIST = 50
 def study_slug(study_key: str) -> str:
     """File-name-safe id for a study; a hash, so no DICOM text reaches a path."""
     return hashlib.sha256(study_key.encode()).hexdigest()[:16]
-
-
-def private_dir(path: Path) -> None:
-    """Create a folder (and its parents) readable by its owner only: report files hold PHI."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-
-def atomic_write(path: Path, data: bytes | str, tmp_dir: Path | None = None) -> None:
-    """Write via a temp file and rename, so no reader sees a half-written file. The file is
-    created 0600 (owner only). ``tmp_dir`` (same file system) holds the temp file; default: a
-    dot-name beside ``path``."""
-    folder = tmp_dir or path.parent
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    raw = data.encode() if isinstance(data, str) else data
-    for attempt in (1, 2):
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            break
-        except FileNotFoundError:  # first file in a new folder (one syscall less for all the others)
-            if attempt == 2:
-                raise
-            private_dir(folder)
-            private_dir(path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        try:
-            os.replace(tmp, path)
-        except FileNotFoundError:
-            private_dir(path.parent)
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temp(folder: Path, alive) -> int:
-    """Delete temp files of atomic writes left in ``folder`` by processes that are gone
-    (``alive(pid)`` false); return how many."""
-    removed = 0
-    try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        name = entry.name
-        if not (name.startswith(".") and name.endswith(".tmp")):
-            continue
-        try:
-            pid = int(name.rsplit(".", 2)[-2])
-        except (ValueError, IndexError):
-            continue
-        if not alive(pid):
-            Path(entry.path).unlink(missing_ok=True)
-            removed += 1
-    return removed
 
 
 @dataclass

@@ -30,7 +30,7 @@ from batchcxr.report.dicom_results import (
     overlay_rgb,
     pneumonia_sr,
 )
-from batchcxr.report.render import atomic_write, private_dir
+from batchcxr.report.files import atomic_write, private_dir
 from batchcxr.settings import Destination, Settings
 
 log = logging.getLogger(__name__)
