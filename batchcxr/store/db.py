@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def head_revision() -> str:
+    """The newest schema revision: each migration file is named after its revision
+    (``0007_worklist_filter_indexes.py`` is revision ``0007``; tests/test_store.py checks this
+    against Alembic's own answer), so a start-up with the schema up to date never imports Alembic."""
+    return max(p.name.split("_", 1)[0] for p in (MIGRATIONS_DIR / "versions").glob("[0-9]*_*.py"))
 SQLITE_BUSY_TIMEOUT_S = 5.0
 
 
@@ -57,6 +66,8 @@ def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S, writ
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -69,9 +80,20 @@ MIGRATION_LOCK = 0x62617463  # "batc": PostgreSQL advisory lock key held while m
 def migrate(engine: Engine) -> None:
     """Create or upgrade the schema to the newest revision. Processes starting at once take
     turns: SQLite's write lock (BEGIN IMMEDIATE), PostgreSQL's transaction advisory lock."""
-    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+        if _revision(connection) == head_revision():
+            return
+        from alembic import command
+
+        cfg = alembic_config(engine.url.render_as_string(hide_password=False))
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+def _revision(connection) -> str | None:
+    """The schema revision Alembic recorded in this database (None for a new one)."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
