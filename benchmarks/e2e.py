@@ -43,11 +43,14 @@ def main(folder: str, decode_workers: str = "1", model_threads: str = "0", db_ur
         summary = scorer.score_paths(Path(folder), paths)
         store.close()
     own = _peak_rss_mb()
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(json.dumps({
         "files": len(paths), "scored": summary.scored, "failed": sum(summary.failed.values()),
         "seconds": summary.seconds, "images_per_s": summary.scored / summary.seconds,
         "load_seconds": load_seconds, "stages": dict(summary.stages),
         "peak_rss_mb": own,
+        "cpu_main_s": me.ru_utime + me.ru_stime,  # this process: infer, layers, database, pages
+        "cpu_workers_s": kids.ru_utime + kids.ru_stime,  # its decode workers (joined by now)
     }))
 
 

@@ -27,4 +27,6 @@ def test_benchmark_smoke_run(tmp_path, shared_data):
         assert set(e2e["stages"]) >= {"prepare", "infer", "images", "store", "report"}
         assert e2e["ceiling_before"] > 0 and e2e["ceiling_after"] > 0 and e2e["cpu_ms_per_image"] > 0, case
         assert e2e["wall_from_start_s"] > e2e["seconds"], case  # from process start: imports and loading too
+        assert e2e["cpu_main_s"] > 0 and e2e["cpu_workers_s"] >= 0, case
+    assert not (tmp_path / "work" / "runs").exists()  # each run's reports kept until the end, then removed
     assert "images/s" in proc.stdout and result["one_image_seconds"] > 0
