@@ -90,10 +90,16 @@ def evidence_lines(m: dict[str, Any] | None) -> list[str]:
         lines.append(f"- Grad-CAM mass inside the lung fields: mean {g['mass_in_lungs_mean']:.3f}, median "
                      f"{g['mass_in_lungs_median']:.3f}, {g['share_with_70pct_in_lungs']:.1%} of maps with >= 70 % "
                      f"inside ({g['n']} maps; {g.get('no_evidence', 0)} with no evidence anywhere left out)")
+        if g.get("mass_in_undilated_lungs_mean") is not None:
+            lines.append(f"- Grad-CAM mass inside the lung fields as segmented (not dilated, stricter): mean "
+                         f"{g['mass_in_undilated_lungs_mean']:.3f}, median {g['mass_in_undilated_lungs_median']:.3f}")
         lines.append("- Grad-CAM peaks: " + ", ".join(f"{k} {v}" for k, v in sorted(g["peak_regions"].items())))
         for name, c in g["by_class"].items():
             if c["n"]:
-                lines.append(f"  - {name}: mass inside {c['mass_in_lungs_mean']:.3f}, peak in the top-left sixteenth "
+                undilated = c.get("mass_in_undilated_lungs_mean")
+                lines.append(f"  - {name}: mass inside {c['mass_in_lungs_mean']:.3f}"
+                             + (f" (undilated {undilated:.3f})" if undilated is not None else "")
+                             + ", peak in the top-left sixteenth "
                              f"{c['peak_in_top_left_sixteenth']:.1%}, peaks "
                              + ", ".join(f"{k} {v}" for k, v in sorted(c["peak_regions"].items()))
                              + f"; no evidence {c.get('no_evidence', 0)}")

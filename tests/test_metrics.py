@@ -109,6 +109,26 @@ def test_gradcam_metrics_count_a_corner_peak():
     assert g["mass_in_lungs_mean"] < 0.3
 
 
+def test_gradcam_metrics_stricter_without_dilation():
+    """Evidence on the mediastinum just beside a lung counts partly inside the dilated fields but
+    less inside the fields as segmented; evidence deep in a lung counts fully in both."""
+    from batchcxr.evaluation.explain import gradcam_lung_metrics
+    from batchcxr.modelcard import evidence_lines
+    from batchcxr.normalize.lungfield import FULL_BOX
+
+    beside = np.zeros((28, 28), np.float32)
+    beside[14, 12] = 1.0  # the first column of the gap between the lungs (columns 42-58 %)
+    deep = np.zeros((28, 28), np.float32)
+    deep[14, 8] = 1.0  # the middle of the left lung
+    probs = _lung_probability()[None]
+    g_beside = gradcam_lung_metrics([beside], [FULL_BOX], probs, np.array([1]))
+    g_deep = gradcam_lung_metrics([deep], [FULL_BOX], probs, np.array([1]))
+    assert g_beside["mass_in_undilated_lungs_mean"] < g_beside["mass_in_lungs_mean"] - 0.2
+    assert g_deep["mass_in_undilated_lungs_mean"] == g_deep["mass_in_lungs_mean"] == 1.0
+    assert g_beside["by_class"]["PNEUMONIA"]["mass_in_undilated_lungs_mean"] == g_beside["mass_in_undilated_lungs_mean"]
+    assert any("as segmented (not dilated, stricter)" in line for line in evidence_lines({"gradcam": g_beside}))
+
+
 def test_gradcam_metrics_with_no_evidence_at_all():
     from batchcxr.evaluation.explain import gradcam_lung_metrics
     from batchcxr.modelcard import evidence_lines

@@ -2,7 +2,7 @@
 
 Each map is placed back in the frame of the whole 224 px input (a cropped input's map covers
 only its box), then measured against the slightly dilated lung fields the segmenter finds on
-that input (normalize.lungfield). A model that reads the lungs puts most of its evidence
+that input (normalize.lungfield), and against the fields as segmented (stricter). A model that reads the lungs puts most of its evidence
 inside them; a model that learned shortcuts peaks on the spine, the borders or the corner where
 burned-in markers ("R", "A-P") sit.
 
@@ -23,9 +23,12 @@ import numpy as np
 from batchcxr.normalize.lungfield import LungBox, cam_in_frame, clean_mask, dilate, mass_inside, peak_region
 
 
-def lung_mask_224(probability: np.ndarray, size: int = 224) -> np.ndarray:
-    """The slightly dilated lung fields of one segmenter map, at the input's size (0/1)."""
-    lungs = dilate(clean_mask(probability)).astype(np.float32)
+def lung_mask_224(probability: np.ndarray, size: int = 224, dilated: bool = True) -> np.ndarray:
+    """The lung fields of one segmenter map at the input's size (0/1): slightly dilated (the
+    measure the targets use), or as segmented (``dilated=False``: stricter; on a small paediatric
+    chest the dilated fields can take in most of the mediastinum between the lungs)."""
+    lungs = clean_mask(probability)
+    lungs = (dilate(lungs) if dilated else lungs).astype(np.float32)
     return (cv2.resize(lungs, (size, size), interpolation=cv2.INTER_LINEAR) >= 0.5).astype(np.uint8)
 
 
@@ -34,7 +37,7 @@ def gradcam_lung_metrics(cams: list[np.ndarray], boxes: list[LungBox], lung_prob
     """Mass inside the lungs (mean, median, share of images with >= 70 %) and peak regions, overall
     and by class; the share of peaks in the top-left sixteenth by class (the marker pattern); the
     maps with no evidence, which these figures leave out."""
-    masses, regions, top_left, classes = [], [], [], []
+    masses, strict, regions, top_left, classes = [], [], [], [], []
     y = np.asarray(y).astype(int)
     empty = np.zeros(2, int)
     for cam, box, prob, label in zip(cams, boxes, lung_probs, y):
@@ -45,10 +48,11 @@ def gradcam_lung_metrics(cams: list[np.ndarray], boxes: list[LungBox], lung_prob
         mask = lung_mask_224(prob, size)
         classes.append(label)
         masses.append(mass_inside(frame, mask))
+        strict.append(mass_inside(frame, lung_mask_224(prob, size, dilated=False)))
         regions.append(peak_region(frame, mask))
         py, px = np.unravel_index(int(np.argmax(frame)), frame.shape)
         top_left.append(py < size / 4 and px < size / 4)
-    masses_a = np.array(masses, np.float64)
+    masses_a, strict_a = np.array(masses, np.float64), np.array(strict, np.float64)
     kept = np.array(classes, int)
     some = masses_a.size > 0
     out: dict[str, Any] = {
@@ -57,9 +61,12 @@ def gradcam_lung_metrics(cams: list[np.ndarray], boxes: list[LungBox], lung_prob
         "mass_in_lungs_mean": round(float(masses_a.mean()), 4) if some else None,
         "mass_in_lungs_median": round(float(np.median(masses_a)), 4) if some else None,
         "share_with_70pct_in_lungs": round(float((masses_a >= 0.7).mean()), 4) if some else None,
+        "mass_in_undilated_lungs_mean": round(float(strict_a.mean()), 4) if some else None,
+        "mass_in_undilated_lungs_median": round(float(np.median(strict_a)), 4) if some else None,
         "peak_regions": dict(Counter(regions)),
         "by_class": {},
-        "measured_against": "the lung segmenter's slightly dilated lung fields on each 224 px input",
+        "measured_against": "the lung segmenter's slightly dilated lung fields on each 224 px input "
+                            "(undilated: the fields as segmented)",
     }
     for k, name in enumerate(("NORMAL", "PNEUMONIA")):
         sel = kept == k
@@ -69,6 +76,7 @@ def gradcam_lung_metrics(cams: list[np.ndarray], boxes: list[LungBox], lung_prob
             "n": int(sel.sum()),
             "no_evidence": int(empty[k]),
             "mass_in_lungs_mean": round(float(masses_a[sel].mean()), 4) if sel.any() else None,
+            "mass_in_undilated_lungs_mean": round(float(strict_a[sel].mean()), 4) if sel.any() else None,
             "peak_regions": dict(Counter(r for r, s in zip(regions, sel) if s)),
             "peak_in_top_left_sixteenth": round(float(np.mean([t for t, s in zip(top_left, sel) if s])), 4)
             if sel.any() else None,
