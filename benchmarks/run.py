@@ -197,7 +197,7 @@ def file_create_ms(runs: Path, files: int = 200) -> float:
     return 1000 * (time.process_time() - start) / files
 
 
-def settled_disk(runs: Path, slow_ms: float = 0.15, patience_s: float = 180.0) -> float:
+def settled_disk(runs: Path, slow_ms: float = 0.08, patience_s: float = 180.0) -> float:
     """Wait (up to ``patience_s``) until creating a file costs under ``slow_ms`` of CPU, and
     return the last probe's cost. After thousands of files are deleted (a test suite's temporary
     folders, an earlier benchmark's runs) this VM's ext4 charges ~0.7 ms a file, not ~0.04, for
