@@ -133,5 +133,5 @@ def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size:
 def prepare_files(paths: list[Path], root: Path, quality: QualitySettings, display_size: int,
                   reports_dir: Path, incomplete_seconds: float = 0.0) -> list[Prepared]:
     """``prepare_file`` for a few files: one worker task, so the pool's per-task cost (pickling,
-    futures, ~0.2 ms of the main process's CPU) is paid once per TASK_FILES files."""
+    futures, ~0.2 ms of the main process's CPU) is paid once per task (pipeline.TASK_FILES files)."""
     return [prepare_file(path, root, quality, display_size, reports_dir, incomplete_seconds) for path in paths]

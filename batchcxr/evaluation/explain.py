@@ -2,9 +2,9 @@
 
 Each map is placed back in the frame of the whole 224 px input (a cropped input's map covers
 only its box), then measured against the slightly dilated lung fields the segmenter finds on
-that input (normalize.lungfield), and against the fields as segmented (stricter). A model that reads the lungs puts most of its evidence
-inside them; a model that learned shortcuts peaks on the spine, the borders or the corner where
-burned-in markers ("R", "A-P") sit.
+that input (normalize.lungfield), and against the fields as segmented (stricter). A model that
+reads the lungs puts most of its evidence inside them; a model that learned shortcuts peaks on
+the spine, the borders or the corner where burned-in markers ("R", "A-P") sit.
 
 A map with no positive value (the model finds no evidence for pneumonia anywhere: most confident
 normals) has neither a mass distribution nor a peak. It is counted apart, as ``no_evidence``, and

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_S = 5.0
 
 
 def head_revision() -> str:
@@ -20,7 +21,6 @@ def head_revision() -> str:
     (``0007_worklist_filter_indexes.py`` is revision ``0007``; tests/test_store.py checks this
     against Alembic's own answer), so a start-up with the schema up to date never imports Alembic."""
     return max(p.name.split("_", 1)[0] for p in (MIGRATIONS_DIR / "versions").glob("[0-9]*_*.py"))
-SQLITE_BUSY_TIMEOUT_S = 5.0
 
 
 def sqlite_path(url: str) -> Path | None:
