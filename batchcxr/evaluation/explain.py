@@ -23,13 +23,16 @@ import numpy as np
 from batchcxr.normalize.lungfield import LungBox, cam_in_frame, clean_mask, dilate, mass_inside, peak_region
 
 
-def lung_mask_224(probability: np.ndarray, size: int = 224, dilated: bool = True) -> np.ndarray:
+def lung_masks_224(probability: np.ndarray, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
     """The lung fields of one segmenter map at the input's size (0/1): slightly dilated (the
-    measure the targets use), or as segmented (``dilated=False``: stricter; on a small paediatric
-    chest the dilated fields can take in most of the mediastinum between the lungs)."""
+    measure the targets use) and as segmented (stricter: on a small paediatric chest the dilated
+    fields can take in most of the mediastinum between the lungs)."""
     lungs = clean_mask(probability)
-    lungs = (dilate(lungs) if dilated else lungs).astype(np.float32)
-    return (cv2.resize(lungs, (size, size), interpolation=cv2.INTER_LINEAR) >= 0.5).astype(np.uint8)
+    return _at_size(dilate(lungs), size), _at_size(lungs, size)
+
+
+def _at_size(mask: np.ndarray, size: int) -> np.ndarray:
+    return (cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR) >= 0.5).astype(np.uint8)
 
 
 def gradcam_lung_metrics(cams: list[np.ndarray], boxes: list[LungBox], lung_probs: np.ndarray,
@@ -45,10 +48,10 @@ def gradcam_lung_metrics(cams: list[np.ndarray], boxes: list[LungBox], lung_prob
         if not float(frame.max()) > 0:
             empty[label] += 1
             continue
-        mask = lung_mask_224(prob, size)
+        mask, undilated = lung_masks_224(prob, size)
         classes.append(label)
         masses.append(mass_inside(frame, mask))
-        strict.append(mass_inside(frame, lung_mask_224(prob, size, dilated=False)))
+        strict.append(mass_inside(frame, undilated))
         regions.append(peak_region(frame, mask))
         py, px = np.unravel_index(int(np.argmax(frame)), frame.shape)
         top_left.append(py < size / 4 and px < size / 4)
