@@ -39,10 +39,11 @@ from batchcxr.prepare_stage import (  # noqa: F401 - also imported from here (di
 )
 from batchcxr.report.overlay import (
     LAYER_SUFFIX,
+    OUTLINE_SUFFIX,
     boxed_heatmap,
     encode_layer,
     heatmap_layer,
-    lung_outline_layer,
+    lung_outline_svg,
 )
 from batchcxr.report.render import TMP_DIR, ReportWriter, atomic_write
 from batchcxr.settings import Settings
@@ -127,8 +128,8 @@ def write_layers(item: PreparedImage, outputs, lungs, reports_dir: Path, alpha: 
         atomic_write(reports_dir / rel, encode_layer(layer), tmp)
         overlays[o.model_name] = rel
     boxes = {o.box for o in outputs if o.box != (0.0, 0.0, 1.0, 1.0)}
-    rel = f"images/{item.source.sha256[:24]}-lungs{LAYER_SUFFIX}"
-    atomic_write(reports_dir / rel, encode_layer(lung_outline_layer(lungs, shape, next(iter(boxes), None))), tmp)
+    rel = f"images/{item.source.sha256[:24]}-lungs{OUTLINE_SUFFIX}"
+    atomic_write(reports_dir / rel, lung_outline_svg(lungs, shape, next(iter(boxes), None)), tmp)
     return overlays, rel
 
 

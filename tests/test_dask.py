@@ -95,7 +95,8 @@ def test_dask_scores_like_the_process_does(tmp_path, cluster, postgres_server):
         assert scores.keys() == local_scores.keys(), name
         assert all(abs(scores[k] - local_scores[k]) < 1e-5 for k in local_scores), name
         images = tmp_path / f"rep-{name}" / "images"
-        assert len(list(images.glob("*.jpg"))) == 12 and len(list(images.glob("*.png"))) == 36, name
+        assert len(list(images.glob("*.jpg"))) == 12 and len(list(images.glob("*.png"))) == 24, name
+        assert len(list(images.glob("*-lungs.svg"))) == 12, name
         assert (tmp_path / f"rep-{name}" / "index.html").is_file()  # the client renders the pages
 
 

@@ -9,6 +9,7 @@ import time
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -119,6 +120,36 @@ def test_gradcam_layer_colours_are_opencvs_jet():
     assert np.array_equal(layer[..., 3], cv2.convertScaleAbs(stretched, alpha=127.5))
 
 
+def test_lung_outline_is_an_svg_tracing_the_mask_over_the_whole_image():
+    """Each lung is one closed path whose vertices all lie on the mask's edge (stretched to the
+    image's aspect); the crop box is a dashed rectangle; the drawing stretches over the image."""
+    import cv2
+
+    from batchcxr.report.overlay import lung_outline_svg
+
+    mask = np.zeros((224, 224), np.uint8)
+    cv2.ellipse(mask, (70, 110), (35, 80), 0, 0, 360, 1, -1)
+    cv2.ellipse(mask, (154, 110), (35, 80), 0, 0, 360, 1, -1)
+    shape = (1400, 1150)
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    svg = ElementTree.fromstring(lung_outline_svg(mask, shape, (0.1, 0.2, 0.9, 0.8)))
+    assert svg.get("preserveAspectRatio") == "none"
+    vw, vh = map(int, svg.get("viewBox").split()[2:])
+    assert (vw / 2, vh / 2) == (210, 256)  # the image's aspect, 256 on the long side
+    d = svg.find("s:path", ns).get("d")
+    assert d.count("M") == 2 and d.count("Z") == 2
+    grid = cv2.resize(mask.astype(np.float32), (vw // 2, vh // 2), interpolation=cv2.INTER_LINEAR) >= 0.5
+    inner = cv2.erode(grid.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    for sub in d.replace("Z", "").split("M")[1:]:
+        xy = (np.array(sub.split(), int).reshape(-1, 2) - 1) // 2
+        assert len(xy) > 10 and grid[xy[:, 1], xy[:, 0]].all() and not inner[xy[:, 1], xy[:, 0]].any()
+    rect = svg.find("s:rect", ns)
+    assert rect.get("stroke-dasharray") and int(rect.get("x")) == round(2 * 0.2 * 210)
+    assert int(rect.get("height")) == round(2 * 0.9 * 256) - round(2 * 0.1 * 256)
+    assert ElementTree.fromstring(lung_outline_svg(mask, shape)).find("s:rect", ns) is None
+    assert ElementTree.fromstring(lung_outline_svg(np.zeros((224, 224), np.uint8), shape)).find("s:path", ns) is None
+
+
 @pytest.mark.parametrize("shape", [(688, 1136), (1557, 1680), (2500, 2048), (300, 400), (1023, 1024)])
 def test_display_image_keeps_the_aspect_and_looks_like_an_area_resize(shape):
     import cv2
@@ -143,13 +174,16 @@ def test_report_stacks_each_models_layer_over_the_image(tmp_path, make_scorer):
     refs = _links(page).refs
     layers = [r for r in refs if re.search(r"-(cnn|mobilenetv2)\.png$", r)]
     assert len(layers) == 2
-    assert [r for r in refs if r.endswith(".png") and r not in layers and not r.endswith("-lungs.png")] == []
-    assert sum(r.endswith("-lungs.png") for r in refs) == 2  # the lung outline over each model's map
+    assert [r for r in refs if r.endswith(".png") and r not in layers] == []
+    outlines = [r for r in refs if r.endswith("-lungs.svg")]
+    assert len(outlines) == 2  # the lung outline over each model's map
     image = next(r for r in refs if r.endswith(".jpg"))
     assert refs.count(image) == 3  # shown alone, then under each model's layer
     for ref in layers:
         layer = cv2.imread(str(page.parent / ref), cv2.IMREAD_UNCHANGED)
         assert layer.ndim == 3 and layer.shape[2] == 4 and layer[..., 3].max() > 0
+    outline = ElementTree.parse(page.parent / outlines[0]).getroot()
+    assert outline.tag.endswith("svg") and outline.find("{http://www.w3.org/2000/svg}path").get("d").startswith("M")
 
 
 def test_second_run_scores_nothing_and_rescore_forces(tmp_path, make_scorer):
@@ -281,7 +315,7 @@ def test_markup_in_dicom_fields_is_inert_and_chooses_no_path(tmp_path, make_scor
         assert _links(page).scripts == 0
     written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     names = (r"(index\.html|style\.css|favicon\.svg|runs/run-\d+\.html|studies/[0-9a-f]{16}\.html|lists/studies-\d+\.html"
-             r"|failures/(page-\d+\.html|version\.json)|images/[0-9a-f]{24}(\.jpg|-\w+\.png))")
+             r"|failures/(page-\d+\.html|version\.json)|images/[0-9a-f]{24}(\.jpg|-\w+\.png|-lungs\.svg))")
     assert all(re.fullmatch(names, w) for w in written), written
     assert not Path("/tmp/owned").exists()
 

@@ -105,7 +105,8 @@ class Image(Base):
     display_path: Mapped[str] = mapped_column(Text, default="")
     """Plain display image (JPEG), relative to the reports folder."""
     lungs_path: Mapped[str] = mapped_column(Text, default="")
-    """Lung-outline layer (PNG with alpha) the pages stack over the image, relative to the reports folder."""
+    """Lung-outline layer (SVG; PNG with alpha before 2026-12) the pages stack over the image, relative to the
+    reports folder."""
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     study: Mapped[Study | None] = relationship(back_populates="images")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="image")

@@ -271,7 +271,7 @@ def create_app(settings: Settings, store: Store) -> Flask:
         path = (reports_dir / rel).resolve()
         if reports_dir not in path.parents or not path.is_file():
             abort(404)
-        return send_file(path, max_age=0)  # image/jpeg or image/png, from the suffix
+        return send_file(path, max_age=0)  # image/jpeg, image/png or image/svg+xml, from the suffix
 
     @app.get("/image/<int:image_id>")
     @login_required
