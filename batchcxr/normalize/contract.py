@@ -90,22 +90,31 @@ def area_shrink(gray: np.ndarray, size: int) -> np.ndarray:
     The integral of a picture that is constant on each pixel is bilinear inside each pixel, so
     bilinear samples of ``cv2.integral`` at the (size + 1)^2 cell corners give every rectangle's
     sum exactly. Same values as OpenCV's (which weights in float32) but at rounding ties (at most 1
-    level, tests/test_window.py); ~1.5x faster than OpenCV's general-ratio area resize on the
-    frames scoring sees (1.0 -> 0.65 ms at the default display size, 2.9 -> 1.0 ms at 1024).
+    level, tests/test_window.py). The corners are four flat gathers of the integral and the
+    fractions exact (from whole-number products), not row-then-column fancy indexing: 0.96 -> 0.77
+    ms per bench JPEG frame (576 x 711 on average) on AMD EPYC, where OpenCV's own takes 0.68 ms;
+    on the Intel machine of an earlier session OpenCV's took 1.0 ms against 0.65.
     """
     h, w = gray.shape
     if min(h, w) < size:
         raise ValueError(f"area_shrink only shrinks: {gray.shape} to {size} x {size}")
-    total = cv2.integral(gray, sdepth=cv2.CV_32S if h * w < (1 << 31) // 255 else cv2.CV_64F)
-    ys, xs = np.arange(size + 1) * (h / size), np.arange(size + 1) * (w / size)
-    y0, x0 = np.minimum(ys.astype(np.intp), h - 1), np.minimum(xs.astype(np.intp), w - 1)
-    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
-    top, bottom = total[y0], total[y0 + 1]
-    upper = top[:, x0] + (top[:, x0 + 1] - top[:, x0]) * fx
-    lower = bottom[:, x0] + (bottom[:, x0 + 1] - bottom[:, x0]) * fx
-    corners = upper + (lower - upper) * fy
-    sums = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
-    return np.clip(np.floor(sums * (size * size / (h * w)) + 0.5), 0, 255).astype(np.uint8)  # ties up, as OpenCV
+    total = cv2.integral(gray, sdepth=cv2.CV_32S if h * w < (1 << 31) // 255 else cv2.CV_64F).ravel()
+    ky, kx = np.arange(size + 1) * h, np.arange(size + 1) * w  # cell corners, times size: whole numbers
+    y0, x0 = np.minimum(ky // size, h - 1), np.minimum(kx // size, w - 1)
+    fy, fx = ((ky - y0 * size) / size)[:, None], ((kx - x0 * size) / size)[None, :]
+    at = (y0 * (w + 1))[:, None] + x0[None, :]  # flat index of each corner's top-left integral sample
+    left = total.take(at)
+    top = left + (total.take(at + 1) - left) * fx
+    left = total.take(at + (w + 1))
+    bottom = left + (total.take(at + (w + 2)) - left) * fx
+    corners = top + (bottom - top) * fy
+    sums = corners[1:, 1:] - corners[:-1, 1:]
+    sums -= corners[1:, :-1]
+    sums += corners[:-1, :-1]
+    sums *= size * size / (h * w)
+    sums += 0.5
+    # means lie in 0..255 up to rounding error, so flooring (ties up, as OpenCV) needs no clip
+    return np.floor(sums, out=sums).astype(np.uint8)
 
 
 REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
