@@ -211,22 +211,56 @@ def infer_batch(models: list[ScoringModel], lungs: LungModel, batch: list[Prepar
     return kept, [list(o) for o in zip(*outs)], masks, rejected
 
 
-def infer_split(models: list[ScoringModel], lungs: LungModel, batch: list[PreparedImage], require_chest: bool,
-                pool: ThreadPoolExecutor | None, parts: int):
-    """``infer_batch`` on ``parts`` contiguous shares of the batch at once, one per thread of
-    ``pool`` (ONNX Runtime sessions run concurrently and free the GIL). Same answer as one call,
-    in batch order."""
+def submit_split(models: list[ScoringModel], lungs: LungModel, batch: list[PreparedImage], require_chest: bool,
+                 pool: ThreadPoolExecutor, parts: int) -> list[Future]:
+    """``infer_batch`` on ``parts`` contiguous shares of the batch, each a task of ``pool`` (ONNX
+    Runtime sessions run concurrently and free the GIL); ``gather_split`` joins them. A thread
+    that finishes its share starts on whatever share is queued next - the next batch's, when
+    the caller has submitted it - instead of idling until its partner's share is done."""
     size = -(-len(batch) // max(1, parts))
-    shares = [batch[i : i + size] for i in range(0, len(batch), size)]
-    if pool is None or len(shares) < 2:
-        return infer_batch(models, lungs, batch, require_chest)
-    kept, per_image, masks, rejected = [], [], [], []
-    for k, o, m, r in pool.map(lambda share: infer_batch(models, lungs, share, require_chest), shares):
+    return [pool.submit(_timed, infer_batch, models, lungs, batch[i : i + size], require_chest)
+            for i in range(0, len(batch), size)]
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
+
+
+def gather_split(shares: list[Future]):
+    """The answer of the shares ``submit_split`` made, as one ``infer_batch`` call's, in batch
+    order, and the seconds of the slowest share. Re-raises a share's error."""
+    kept, per_image, masks, rejected, seconds = [], [], [], [], 0.0
+    for share in shares:
+        (k, o, m, r), took = share.result()
         kept += k
         per_image += o
         masks += m
         rejected += r
-    return kept, per_image, masks, rejected
+        seconds = max(seconds, took)
+    return (kept, per_image, masks, rejected), seconds
+
+
+def infer_split(models: list[ScoringModel], lungs: LungModel, batch: list[PreparedImage], require_chest: bool,
+                pool: ThreadPoolExecutor | None, parts: int):
+    """``infer_batch`` on ``parts`` contiguous shares of the batch at once, one per thread of
+    ``pool``. Same answer as one call, in batch order."""
+    if pool is None or parts < 2 or len(batch) < 2:
+        return infer_batch(models, lungs, batch, require_chest)
+    return gather_split(submit_split(models, lungs, batch, require_chest, pool, parts))[0]
+
+
+@dataclass
+class InFlight:
+    """A batch whose inference the infer threads are running (or will run next)."""
+
+    batch: list[PreparedImage]
+    shares: list[Future]
+
+
+IN_FLIGHT = 2
+"""Batches whose inference is submitted at once: the next batch's shares wait in the queue, so
+no infer thread idles at a batch's end (benchmarks/run.py measures this packing too)."""
 
 
 class Scorer:
@@ -357,27 +391,32 @@ class Scorer:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _score_batch(self, run_id: int, batch: list[PreparedImage], summary: RunSummary) -> None:
-        """Segment the lungs, gate, run the models on one batch (unless a Dask worker did), then hand
-        its images and rows to the writer thread, so the next batch's inference overlaps this
-        batch's images and rows."""
+    def _start_batch(self, batch: list[PreparedImage]) -> InFlight:
+        """Submit one batch's inference (segment the lungs, gate, both models) to the infer threads,
+        unless a Dask worker did it already."""
         if batch and batch[0].inferred is not None:
+            return InFlight(batch, [])
+        return InFlight(batch, submit_split(self.models, self.lungs, batch, self.settings.quality.require_chest,
+                                            self._infer, infer_threads(self.settings)))
+
+    def _finish_batch(self, run_id: int, done: InFlight, summary: RunSummary) -> None:
+        """Wait for a batch's inference, record what it refused, then hand its images and rows to the
+        writer thread, so the next batches' inference overlaps this batch's images and rows."""
+        batch = done.batch
+        if not done.shares:
             kept = batch
             per_image = [item.inferred[0] for item in batch]
             masks = [item.inferred[1] for item in batch]
         else:
-            t0 = time.perf_counter()
             try:
-                kept, per_image, masks, rejected = infer_split(self.models, self.lungs, batch,
-                                                               self.settings.quality.require_chest, self._infer,
-                                                               infer_threads(self.settings))
+                (kept, per_image, masks, rejected), seconds = gather_split(done.shares)
             except Exception as exc:  # noqa: BLE001
                 log.exception("inference failed for a batch of %d", len(batch))
                 rejections = [Rejection(p.source, ImageStatus.FAILED, FailStage.INFER, f"inference failed: {exc}",
                                         p.study, p.image, _digest(exc)) for p in batch]
                 self._record_rejections(run_id, rejections, summary)
                 return
-            summary.stages["infer"] += time.perf_counter() - t0
+            summary.stages["infer"] += seconds
             if rejected:
                 self._record_rejections(run_id, rejected, summary)
         if not kept:
@@ -526,6 +565,7 @@ class Scorer:
         chunk: list[tuple[SourceFile, PreparedImage | Rejection]] = []
         early: list[Rejection] = []
         claimed: list[str] = []
+        inflight: deque[InFlight] = deque()
         batch_size = self.settings.batch_size
         wait = self.settings.watch.incomplete_timeout_seconds if incomplete_seconds is None else incomplete_seconds
 
@@ -574,14 +614,18 @@ class Scorer:
                 if len(chunk) >= batch_size or len(early) >= batch_size:
                     flush_chunk()
                 while len(pending) >= batch_size:
-                    self._score_batch(run_id, pending[:batch_size], summary)
+                    inflight.append(self._start_batch(pending[:batch_size]))
                     del pending[:batch_size]
+                    if len(inflight) >= IN_FLIGHT:
+                        self._finish_batch(run_id, inflight.popleft(), summary)
                 if stop is not None and stop.requested:
                     break
             else:
                 flush_chunk()
                 if pending:
-                    self._score_batch(run_id, pending, summary)
+                    inflight.append(self._start_batch(pending))
+            while inflight:  # the batches in hand, also after a stop
+                self._finish_batch(run_id, inflight.popleft(), summary)
             self._wait_for_writer()
             summary.status = "interrupted" if stop is not None and stop.requested else "finished"
         except BaseException:

@@ -17,7 +17,7 @@ def test_benchmark_smoke_run(tmp_path, shared_data):
     result = json.loads(out.read_text())
     assert result["ceiling"]["images_per_s"] > 0 and result["reference"]["images_per_s"] > 0
     assert set(result["ceiling"]["ways"]) == {"sequential, all cores per model", "side by side, cores shared",
-                                              "batch split, one thread per core"}
+                                              "batch split, one thread per core", "batch split, next batch queued"}
     cases = ("jpeg", "dicom-uncompressed", "dicom-jpeg-baseline", "dicom-j2k-lossless", "jpeg, cold cache",
              "jpeg, 300 studies stored")
     assert set(result["e2e"]) == set(cases)
