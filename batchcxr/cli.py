@@ -320,7 +320,7 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
     from tqdm import tqdm
 
     from batchcxr.ingest.files import walk
-    from batchcxr.pipeline import Scorer
+    from batchcxr.prepare_stage import start_decoders
     from batchcxr.signals import StopNow
 
     log = logging.getLogger("batchcxr")
@@ -335,14 +335,22 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
         log.error("another run holds %s; not starting", settings.lock_file)
         sys.exit(EXIT_CANNOT_RUN)
     try:
+        paths = [p for p in walk(path, settings.ignore) if cutoff is None or _mtime(p) >= cutoff]
+        # enough files for decode workers: start them now, so they are ready when the files are admitted
+        decoders = (start_decoders(settings.decode_workers) if settings.decode_workers > 0 and not settings.scheduler
+                    and len(paths) >= 2 * settings.batch_size else None)
         try:
+            # ~1 s with the models and the database: the decode workers start meanwhile
+            from batchcxr.pipeline import Scorer
+
             store = _open_store(settings)
             scorer = Scorer.from_settings(settings, store)
             scorer.adopt_dead_claims()  # a run of ours that died holding files: they are suspects
         except Exception as exc:  # noqa: BLE001 - reported, with exit code 3
             log.error("cannot start: %s", exc)
+            if decoders is not None:
+                decoders.shutdown(wait=False, cancel_futures=True)
             sys.exit(EXIT_CANNOT_RUN)
-        paths = [p for p in walk(path, settings.ignore) if cutoff is None or _mtime(p) >= cutoff]
         if retry_failed:
             paths += _failed_paths_under(store, path, set(paths))
         show = sys.stderr.isatty() if progress is None else progress
@@ -350,7 +358,7 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
             with tqdm(total=len(paths), unit="file", disable=not show, desc="scoring") as bar:
                 summary = scorer.score_paths(path, paths, rescore=rescore, retry_failed=retry_failed,
                                              progress=bar.update, command="score --since" if since else "score",
-                                             stop=EARLY, keep_files=False)
+                                             stop=EARLY, keep_files=False, decoders=decoders)
         except StopNow as exc:
             log.error("%s (the run is recorded as interrupted)", exc)
             sys.exit(EXIT_INTERRUPTED)

@@ -36,6 +36,7 @@ from batchcxr.normalize.contract import finish_batch
 from batchcxr.normalize.lungfield import check_lungs
 from batchcxr.prepare_stage import (  # noqa: F401 - also imported from here (distributed, worker, tests)
     Prepared, _digest, _init_decode_worker, _lstat_source, display_file, folder_key, prepare_file, prepare_files,
+    start_decoders,
 )
 from batchcxr.report.overlay import (
     LAYER_SUFFIX,
@@ -323,17 +324,21 @@ class Scorer:
             else:
                 yield prepare_file(path, *args)
 
-    def _prepared_stream(self, root: Path, paths: Iterator[Path], incomplete_seconds: float) -> Iterator[Prepared]:
+    def _prepared_stream(self, root: Path, paths: Iterator[Path], incomplete_seconds: float,
+                         decoders: ProcessPoolExecutor | None = None) -> Iterator[Prepared]:
         """prepare_file over paths, in order; in worker processes when configured and worth it
-        (at least twice a batch to read)."""
+        (at least twice a batch to read): ``decoders`` (start_decoders) when given, else a new pool.
+        The pool is shut down at the end."""
         args = (root, self.settings.quality, self.settings.display_size, self.settings.reports_dir,
                 incomplete_seconds)
         size = self.settings.batch_size
         first = list(itertools.islice(paths, 2 * size))
         if self.settings.decode_workers < 1 or len(first) < 2 * size:
+            if decoders is not None:
+                decoders.shutdown(wait=False, cancel_futures=True)
             yield from self._prepare_here(itertools.chain(first, paths), args)
             return
-        head = first[:size]  # prepared here while the worker processes start (~0.7 s)
+        head = first[:size]  # prepared here while the workers start (~0.35 s) or take their first tasks
         paths = itertools.chain(first[size:], paths)
 
         def tasks() -> Iterator[list[Path]]:
@@ -348,10 +353,9 @@ class Scorer:
         ctx = multiprocessing.get_context("spawn")  # workers are our children: they die with us
 
         def new_pool() -> ProcessPoolExecutor:
-            return ProcessPoolExecutor(max_workers=self.settings.decode_workers, mp_context=ctx,
-                                       initializer=_init_decode_worker, initargs=(os.getpid(),))
+            return start_decoders(self.settings.decode_workers)
 
-        pool = new_pool()
+        pool = decoders or new_pool()
         pending: deque[tuple[Future | None, list[Path]]] = deque()
 
         def submit_next() -> None:
@@ -547,8 +551,12 @@ class Scorer:
     def score_paths(self, root: Path, paths: Iterable[Path], *, rescore: bool = False, retry_failed: bool = False,
                     command: str = "score", progress: Callable[[int], None] | None = None,
                     stop: Stop | None = None, keep_files: bool = True,
-                    incomplete_seconds: float | None = None) -> RunSummary:
+                    incomplete_seconds: float | None = None,
+                    decoders: ProcessPoolExecutor | None = None) -> RunSummary:
         """Score the given files (found under root) as one run.
+
+        ``decoders``: decode workers the caller started early (start_decoders); this run shuts
+        them down.
 
         ``stop`` (set by a signal handler) ends the run after the batch in hand: the run row says
         ``interrupted`` and the files not reached are left for the next run. ``incomplete_seconds``
@@ -599,7 +607,7 @@ class Scorer:
 
             stream = remote_stream(self, root, admitted, wait, run_id, rescore, retry_failed)
         else:
-            stream = self._prepared_stream(root, admitted, wait)
+            stream = self._prepared_stream(root, admitted, wait, decoders)
         try:
             for prepared in stream:
                 summary.stages["prepare"] += prepared.seconds
@@ -632,6 +640,8 @@ class Scorer:
             summary.status = "interrupted"
             raise
         finally:
+            if decoders is not None:
+                decoders.shutdown(wait=False, cancel_futures=True)  # a Dask run, or no files to read
             self._writer.shutdown(wait=True)
             self._infer.shutdown(wait=True)
             summary.seconds = time.monotonic() - start
