@@ -78,6 +78,20 @@ def test_writing_a_batch_twice_leaves_one_row_of_each(store):
     assert study.n_images == 5 and study.max_score == pytest.approx(0.5) and study.results["cnn"][1] == "PNEUMONIA"
 
 
+def test_a_page_written_from_an_old_state_leaves_its_study_stale(store):
+    """clear_stale clears the studies whose page was written from their current state, in one
+    statement; a study that changed after its page was rendered stays stale for the next writer."""
+    run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
+    assert store.record_scored(run, [_item(1, "1.2.3"), _item(2, "1.2.4"), _item(3, "1.2.5")]) == []
+    stale = store.stale_studies()
+    assert len(stale) == 3
+    store.record_scored(run, [_item(4, stale[1].study_key)])  # changes after its page was rendered
+    store.clear_stale([(s.id, s.updated_at) for s in stale])
+    assert [s.id for s in store.stale_studies()] == [stale[1].id]
+    store.clear_stale([(s.id, s.updated_at) for s in store.stale_studies()])
+    assert store.stale_studies() == []
+
+
 def test_values_too_long_for_their_columns_are_cut_with_a_note(store):
     run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
     long_uid = "1.2." + "9" * 300

@@ -8,7 +8,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, exists, func, or_, select, true, update
+from sqlalchemy import and_, bindparam, exists, func, or_, select, true, update
 from sqlalchemy.orm import Session, selectinload
 
 from batchcxr.store.schema import Image, SourceFile, Study, Verdict
@@ -142,9 +142,11 @@ class StudyLists:
         rows = list(written)
         if not rows:
             return
-        with self.session() as s, s.begin():
-            for sid, updated in rows:
-                s.execute(update(Study).where(Study.id == sid, Study.updated_at == updated).values(report_stale=False))
+        table = Study.__table__
+        done = (update(table).where(table.c.id == bindparam("sid"), table.c.updated_at == bindparam("updated"))
+                .values(report_stale=False))
+        with self.session() as s, s.begin():  # one executemany, not a statement per study
+            s.connection().execute(done, [{"sid": sid, "updated": updated} for sid, updated in rows])
 
     def mark_all_stale(self) -> int:
         """Every study page to be written again (after an upgrade of the templates)."""
