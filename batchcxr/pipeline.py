@@ -643,7 +643,7 @@ class Scorer:
             if decoders is not None:
                 decoders.shutdown(wait=False, cancel_futures=True)  # a Dask run, or no files to read
             self._writer.shutdown(wait=True)
-            self._infer.shutdown(wait=True)
+            self._infer.shutdown(wait=True, cancel_futures=True)  # a stop or an error: the queued batch is not run
             summary.seconds = time.monotonic() - start
             self._finish(run_id, summary, claimed)
         t0 = time.perf_counter()
