@@ -74,7 +74,7 @@ def encode_layer(layer: np.ndarray) -> bytes:
 OUTLINE_SIDE = 256
 """Longest side of the grid the lung outline is traced on (the mask is stretched to it first)."""
 OUTLINE_SUFFIX = ".svg"
-"""The lung outline is a vector layer: a line the browser draws sharp at any zoom, and ~5x cheaper
+"""The lung outline is a vector layer: a line the browser draws sharp at any zoom, and 2-4x cheaper
 to write than a raster layer with alpha (no PNG encoding, no line drawing)."""
 OUTLINE_STYLE = ('fill="none" stroke="#00ffff" stroke-opacity="0.9" stroke-width="2" stroke-linejoin="round" '
                  'vector-effect="non-scaling-stroke"')
