@@ -63,3 +63,8 @@ def test_bad_settings_exit_two_and_missing_models_exit_three(tmp_path):
     cfg.write_text(f'[batchcxr]\nmodels = ["{tmp_path / "nope"}"]\n')
     out = _run("score", "in", "--config", str(cfg), cwd=tmp_path)
     assert out.returncode == 3 and "model card not found" in out.stderr
+    for i in range(4):  # twice a batch: the decode workers start before the models load, and stop with the run
+        (tmp_path / "in" / f"{i}.dcm").write_bytes(b"")
+    cfg.write_text(f'[batchcxr]\nbatch_size = 2\ndecode_workers = 1\nmodels = ["{tmp_path / "nope"}"]\n')
+    out = _run("score", "in", "--config", str(cfg), cwd=tmp_path)
+    assert out.returncode == 3 and "model card not found" in out.stderr
