@@ -320,7 +320,7 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
     from tqdm import tqdm
 
     from batchcxr.ingest.files import walk
-    from batchcxr.prepare_stage import start_decoders
+    from batchcxr.prepare_stage import early_decoders
     from batchcxr.signals import StopNow
 
     log = logging.getLogger("batchcxr")
@@ -336,9 +336,7 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
         sys.exit(EXIT_CANNOT_RUN)
     try:
         paths = [p for p in walk(path, settings.ignore) if cutoff is None or _mtime(p) >= cutoff]
-        # enough files for decode workers: start them now, so they are ready when the files are admitted
-        decoders = (start_decoders(settings.decode_workers) if settings.decode_workers > 0 and not settings.scheduler
-                    and len(paths) >= 2 * settings.batch_size else None)
+        decoders = early_decoders(settings, len(paths))  # ready when the files are admitted
         try:
             # ~1 s with the models and the database: the decode workers start meanwhile
             from batchcxr.pipeline import Scorer

@@ -22,7 +22,7 @@ from batchcxr.ingest.files import read_regular
 from batchcxr.normalize.prepare import prepare
 from batchcxr.report.files import TMP_DIR, atomic_write
 from batchcxr.report.overlay import IMAGE_SUFFIX, encode_image
-from batchcxr.settings import QualitySettings
+from batchcxr.settings import QualitySettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,14 @@ def start_decoders(workers: int) -> ProcessPoolExecutor:
     for _ in range(workers):
         pool.submit(os.getpid)  # a task finds no idle worker, so each starts one more
     return pool
+
+
+def early_decoders(settings: Settings, files: int) -> ProcessPoolExecutor | None:
+    """``start_decoders`` when a run of ``files`` files will use decode workers (configured, not
+    on Dask, at least two batches to read: the scorer's own rule), else None."""
+    if settings.decode_workers < 1 or settings.scheduler or files < 2 * settings.batch_size:
+        return None
+    return start_decoders(settings.decode_workers)
 
 
 def _lstat_source(path: Path) -> SourceFile:

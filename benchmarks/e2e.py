@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from batchcxr.ingest.files import walk
-from batchcxr.prepare_stage import start_decoders
+from batchcxr.prepare_stage import early_decoders
 from batchcxr.settings import load_settings
 
 
@@ -36,10 +36,7 @@ def main(folder: str, decode_workers: str = "1", model_threads: str = "0", db_ur
                                         "decode_workers": int(decode_workers),
                                         "model_threads": int(model_threads)})
         paths = list(walk(Path(folder)))
-        if settings.decode_workers > 0 and len(paths) >= 2 * settings.batch_size:
-            decoders = start_decoders(settings.decode_workers)
-        else:
-            decoders = None
+        decoders = early_decoders(settings, len(paths))
         start = time.perf_counter()
         # as `batchcxr score`: imported (with the models and database) while the decode workers start
         from batchcxr.pipeline import Scorer
