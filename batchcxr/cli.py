@@ -77,6 +77,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--brightness", type=float, default=0.0, show_default=True, help="RandomBrightness factor.")
 @click.option("--corners", type=float, default=0.0, show_default=True,
               help="Probability of blanking each corner square (burned-in markers).")
+@click.option("--centre", type=float, default=0.0, show_default=True,
+              help="Probability of giving each image the central vertical band (spine, mediastinum) of another.")
 @click.option("--aspect", type=float, default=0.0, show_default=True,
               help="Random horizontal-only zoom: aspect-ratio jitter against the squash shortcut.")
 @click.option("--equalize/--no-equalize", default=False, show_default=True,
@@ -94,14 +96,16 @@ def main(ctx: click.Context, verbose: bool) -> None:
               show_default=True, help="Lung-field contract of the input (needs the lung segmenter, --lung-model).")
 @click.option("--lung-model", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Lung segmenter folder [default: models/lungs].")
+@click.option("--cnn-head", type=click.Choice(["flatten", "gap"]), default="flatten", show_default=True,
+              help="CNN: Flatten (the reference's: a weight per position) or global average pooling before Dense.")
 @click.option("--imagenet-tflite", "tflite_path", type=click.Path(path_type=Path), default=DEFAULT_TFLITE,
               show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
           flip: bool, rotation: float, translation: float, contrast: float, brightness: float,
-          corners: float, aspect: float, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
+          corners: float, centre: float, aspect: float, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, split_rule: str, label_smoothing: float, lung_contract: str,
-          lung_model: Path | None, tflite_path: Path) -> None:
+          lung_model: Path | None, cnn_head: str, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
     if model_name == "lungs":
         from batchcxr.training.lungs import LungTrainConfig, train_lungs
@@ -129,7 +133,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         patience=patience,
         augment=AugmentConfig(zoom=zoom, shear=shear, horizontal_flip=flip, rotation=rotation,
                               translation=translation, contrast=contrast, brightness=brightness,
-                              corners=corners, aspect=aspect),
+                              corners=corners, centre=centre, aspect=aspect),
         head_epochs=head_epochs,
         fine_tune_from=fine_tune_from,
         tflite_path=tflite_path if model_name == "mobilenetv2" else None,
@@ -140,6 +144,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         label_smoothing=label_smoothing,
         lungs=lung_contract,
         lung_model=lung_model,
+        cnn_head=cnn_head,
     )
     result = run_train(cfg)
     click.echo(

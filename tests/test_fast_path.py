@@ -58,3 +58,41 @@ def test_gradcam_maths_by_hand():
     cam = gradcam(acts, grads)[0]
     # cell (0,0): 1*1 = 1; cell (1,1): 2*-0.5 = -1 -> ReLU 0
     assert cam.tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+@pytest.mark.parametrize("head", ["flatten", "gap"])
+def test_cnn_heads_exact_gradcam_matches_gradient_tape(batch, head):
+    """The export's closed-form Grad-CAM for each CNN head against back-propagation, on a freshly
+    built CNN whose batch-norm statistics are moved off their defaults (so ReLUs are mixed)."""
+    import keras
+    import tensorflow as tf
+
+    from batchcxr.infer.export import scoring_function
+    from batchcxr.training.architectures import CAM_LAYER, OUTPUT_LAYER, build_cnn
+
+    keras.utils.set_random_seed(3)
+    km = build_cnn(head=head)
+    rng = np.random.default_rng(3)
+    for layer in km.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([gamma, rng.normal(0, 0.5, beta.shape).astype(np.float32), mean, var])
+    x = tf.convert_to_tensor(batch.astype(np.float32))
+    head_layer = km.get_layer(OUTPUT_LAYER)
+    inner = keras.Model(km.inputs, [km.get_layer(CAM_LAYER["cnn"]).output, head_layer.input])
+    kernel = head_layer.kernel.numpy()
+    nonempty = 0
+    for sign in (1.0, -1.0):  # evidence for and against: one of the two gives non-empty maps
+        head_layer.kernel.assign(sign * kernel)
+        fast = scoring_function(km, "cnn")(x)
+        with tf.GradientTape() as tape:
+            acts, hidden = inner(x, training=False)
+            logit = tf.matmul(hidden, head_layer.kernel) + head_layer.bias
+        grads = tape.gradient(logit, acts)
+        np.testing.assert_allclose(fast["probability"].numpy(), tf.sigmoid(logit)[:, 0].numpy(), atol=1e-5)
+        want = gradcam(acts.numpy(), grads.numpy())  # normalized per image
+        cams = fast["cam"].numpy()
+        got = np.stack([c / c.max() if c.max() > 0 else c for c in cams])
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        nonempty += int((cams.max(axis=(1, 2)) > 0).sum())
+    assert nonempty >= len(batch) // 2

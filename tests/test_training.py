@@ -98,3 +98,24 @@ def test_corner_erasing_blanks_whole_corners_only_in_training():
     assert 0.3 < erased < 0.7
     assert (y[:, 56:-56] == 255).all() and (y[:, :, 56:-56] == 255).all()  # the rest untouched
     assert (augment(x, training=False).numpy() == x).all()
+
+
+def test_centre_swap_gives_images_another_images_central_band_only_in_training():
+    from batchcxr.training.architectures import CENTRE_BAND, AugmentConfig, build_augmenter
+
+    augment = build_augmenter(AugmentConfig(zoom=0, shear=0, horizontal_flip=False, centre=0.5), seed=5)
+    x = np.stack([np.full((224, 224, 1), float(v), np.float32) for v in range(32)])  # image i is all i
+    y = augment(x, training=True).numpy()[..., 0]
+    cols = np.arange(224, dtype=np.float32) / 224
+    in_band = np.flatnonzero((cols >= 0.5 - CENTRE_BAND / 2) & (cols < 0.5 + CENTRE_BAND / 2))
+    lo, hi = in_band[0], in_band[-1] + 1
+    assert 60 < hi - lo < 70  # 30 % of 224
+    own = np.arange(32, dtype=np.float32)[:, None, None]
+    assert (y[:, :, :lo] == own).all() and (y[:, :, hi:] == own).all()  # outside the band: untouched
+    band = y[:, :, lo:hi]
+    assert (band == band[:, :1, :1]).all()  # the whole band comes from one image
+    sources = band[:, 0, 0]
+    assert set(sources.tolist()) <= set(range(32))
+    swapped = (sources != np.arange(32)).mean()
+    assert 0.2 < swapped < 0.7  # about half the images (a permutation can map one to itself)
+    assert (augment(x, training=False).numpy() == x).all()

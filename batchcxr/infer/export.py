@@ -10,7 +10,9 @@ The graph returns, for a (N, 224, 224, 1) float32 batch:
     alpha_k = w_k / (h w) (Grad-CAM reduces to CAM).
   * CNN (A -> MaxPool 2 -> Flatten -> Dense(ReLU) -> Dense): the gradient at the pooled map is
     W1 (w2 * [z > 0]); max pooling routes each window's gradient to exactly one element, so the
-    spatial mean over A is the pooled gradient's sum divided by A's h w.
+    spatial mean over A is the pooled gradient's sum divided by A's h w. With global average
+    pooling in place of Flatten (layer ``gap``) the pooled gradient is W1 (w2 * [z > 0]) / (h' w')
+    at every pooled position, so its sum is W1 (w2 * [z > 0]) itself.
 
 Dropout is the identity at inference. tests/test_fast_path.py checks both against a GradientTape
 Grad-CAM to 1e-4 and the probabilities against the Keras model to 1e-3.
@@ -57,6 +59,7 @@ def scoring_function(km, kind: str):
 
     if kind == "cnn":
         pool = km.get_layer("pool3")
+        gap = any(layer.name == "gap" for layer in km.layers)
         dense = km.get_layer("dense")
         w1_np, b1_np = dense.kernel.numpy(), dense.bias.numpy()  # (flat, units), (units,)
 
@@ -65,13 +68,15 @@ def scoring_function(km, kind: str):
             w1, b1, w2, b2 = (tf.constant(v) for v in (w1_np, b1_np, w2_np, b2_np))
             a = acts_model(image, training=False)
             pooled = pool(a)
-            flat = tf.reshape(pooled, [tf.shape(pooled)[0], -1])
+            flat = tf.reduce_mean(pooled, axis=[1, 2]) if gap else tf.reshape(pooled, [tf.shape(pooled)[0], -1])
             z = tf.matmul(flat, w1) + b1
             logit = tf.matmul(tf.nn.relu(z), w2) + b2
             grad_z = tf.cast(z > 0, tf.float32) * w2[:, 0]
-            grad_pooled = tf.reshape(tf.matmul(grad_z, w1, transpose_b=True), tf.shape(pooled))
+            grad_flat = tf.matmul(grad_z, w1, transpose_b=True)
+            # summed over the pooled positions: (N, k)
+            grad_sum = grad_flat if gap else tf.reduce_sum(tf.reshape(grad_flat, tf.shape(pooled)), axis=[1, 2])
             hw = tf.cast(tf.shape(a)[1] * tf.shape(a)[2], tf.float32)
-            alpha = tf.reduce_sum(grad_pooled, axis=[1, 2]) / hw
+            alpha = grad_sum / hw
             cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", a, alpha))
             return {"probability": tf.sigmoid(logit)[:, 0], "cam": cam}
 

@@ -34,6 +34,11 @@ class AugmentConfig:
     corners: float = 0.0
     """Probability of blanking each corner square (a quarter of the side): burned-in markers ("R",
     "A-P", dates) sit in the corners, and Grad-CAM shows the models looking at them."""
+    centre: float = 0.0
+    """Probability of replacing each image's central vertical band (CENTRE_BAND of the width: spine,
+    mediastinum, heart on a lung crop) with the same band of another image of the batch, whatever
+    its class: the band then says nothing reliable about the label, so a model cannot lean on it
+    (Grad-CAM showed the CNN looking at the spine and mediastinum)."""
     aspect: float = 0.0
     """Random horizontal-only zoom (fraction): changes the aspect ratio. The 224 px training images
     were squashed from originals whose width/height differs by class (train sample: NORMAL ~1.24,
@@ -69,10 +74,42 @@ def corner_eraser(probability: float, seed: int, fraction: float = 0.25):
     return CornerErase(name="corner_erase")
 
 
+CENTRE_BAND = 0.3
+"""Width of the central band centre_swapper exchanges, as a fraction of the image width."""
+
+
+def centre_swapper(probability: float, seed: int, fraction: float = CENTRE_BAND):
+    """A Keras layer that, in training only, gives each image with ``probability`` the central
+    vertical band (``fraction`` of the width) of another image of the same batch (a random
+    permutation: the band's source is independent of the image's label)."""
+    import keras
+    from keras import ops
+
+    class CentreSwap(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.generator = keras.random.SeedGenerator(seed)
+
+        def call(self, x, training=None):
+            if not training:
+                return x
+            n, w = ops.shape(x)[0], ops.shape(x)[2]
+            cols = ops.cast(ops.arange(w), "float32") / ops.cast(w, "float32")
+            band = ops.cast(ops.logical_and(cols >= 0.5 - fraction / 2, cols < 0.5 + fraction / 2), "float32")
+            hit = ops.cast(keras.random.uniform((n, 1, 1, 1), seed=self.generator) < probability, "float32")
+            other = ops.take(x, keras.random.shuffle(ops.arange(n), seed=self.generator), axis=0)
+            swap = hit * band[None, None, :, None]
+            return x * (1.0 - swap) + other * swap
+
+    return CentreSwap(name="centre_swap")
+
+
 def build_augmenter(cfg: AugmentConfig, seed: int):
     import keras
 
     steps = []
+    if cfg.centre > 0:
+        steps.append(centre_swapper(cfg.centre, seed))
     if cfg.corners > 0:
         steps.append(corner_eraser(cfg.corners, seed))
     if cfg.rotation > 0:
@@ -94,12 +131,21 @@ def build_augmenter(cfg: AugmentConfig, seed: int):
     return keras.Sequential(steps, name="augment")
 
 
-def build_cnn(dropout: float = 0.5, dense_units: int = 64):
+CNN_HEADS = ("flatten", "gap")
+"""How the CNN's last block meets its Dense layer: Flatten (the reference notebook's: a weight per
+position, so a place in the image can be evidence by itself) or global average pooling (the
+same weights everywhere: only what is seen counts, not where)."""
+
+
+def build_cnn(dropout: float = 0.5, dense_units: int = 64, head: str = "flatten"):
     """The reference notebook's CNN family: 3 x (Conv2D + MaxPooling), Dense + dropout, sigmoid.
 
     The first convolution has stride 2 and each block uses batch normalization,
-    which keeps the Flatten -> Dense layer small (14 x 14 x 128 inputs).
+    which keeps the Flatten -> Dense layer small (14 x 14 x 128 inputs). ``head`` "gap" puts
+    GlobalAveragePooling in place of Flatten (layer ``gap``).
     """
+    if head not in CNN_HEADS:
+        raise ValueError(f"unknown CNN head {head!r} ({' or '.join(CNN_HEADS)})")
     import keras
     from keras import layers
 
@@ -110,7 +156,7 @@ def build_cnn(dropout: float = 0.5, dense_units: int = 64):
         x = layers.BatchNormalization(name=f"bn{i}")(x)
         x = layers.ReLU(name="cam_features" if i == 3 else f"relu{i}")(x)
         x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
-    x = layers.Flatten(name="flatten")(x)
+    x = layers.Flatten(name="flatten")(x) if head == "flatten" else layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dense(dense_units, activation="relu", name="dense")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER)(x)

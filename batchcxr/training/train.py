@@ -82,6 +82,8 @@ class TrainConfig:
     """Lung-field contract of the input (normalize.lungfield.LUNG_CONTRACTS)."""
     lung_model: Path | None = None
     """The lung segmenter folder (models/lungs) when ``lungs`` is not none."""
+    cnn_head: str = "flatten"
+    """CNN: Flatten (the reference's) or global average pooling before its Dense layer (CNN_HEADS)."""
 
 
 @dataclass
@@ -205,7 +207,7 @@ def export_scoring(model, kind: str, out: Path) -> dict[str, str]:
 
 def _build(cfg: TrainConfig):
     if cfg.model == "cnn":
-        return build_cnn(**({"dropout": cfg.dropout} if cfg.dropout is not None else {}))
+        return build_cnn(head=cfg.cnn_head, **({"dropout": cfg.dropout} if cfg.dropout is not None else {}))
     if cfg.model == "mobilenetv2":
         if cfg.tflite_path is None:
             raise ValueError("mobilenetv2 needs tflite_path (the ImageNet weights)")
@@ -230,7 +232,8 @@ def _library_versions() -> dict[str, str]:
 def _architecture_summary(model, cfg: TrainConfig) -> str:
     if cfg.model == "cnn":
         return (
-            "3 x (Conv2D 3x3 [32 stride 2, 64, 128] + BatchNorm + ReLU + MaxPool 2), Flatten, "
+            "3 x (Conv2D 3x3 [32 stride 2, 64, 128] + BatchNorm + ReLU + MaxPool 2), "
+            f"{'Flatten' if cfg.cnn_head == 'flatten' else 'GlobalAveragePooling'}, "
             f"Dense {model.get_layer('dense').units} ReLU, Dropout {model.get_layer('dropout').rate}, "
             "Dense 1 sigmoid; Grad-CAM layer cam_features (last conv block)"
         )
