@@ -45,33 +45,42 @@ class AugmentConfig:
     PNEUMONIA ~1.56), so the squash itself tells the classes apart; jitter makes it useless as a cue."""
 
 
+def _training_only(name: str, seed: int, transform):
+    """A Keras layer that applies ``transform(x, generator)`` in training and passes ``x`` through
+    otherwise; ``generator`` is the layer's own seeded keras.random.SeedGenerator."""
+    import keras
+
+    class TrainingOnly(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.generator = keras.random.SeedGenerator(seed)
+
+        def call(self, x, training=None):
+            return transform(x, self.generator) if training else x
+
+    return TrainingOnly(name=name)
+
+
 def corner_eraser(probability: float, seed: int, fraction: float = 0.25):
     """A Keras layer that, in training only, sets each corner square (``fraction`` of the side)
     of each image to 0 with ``probability``."""
     import keras
     from keras import ops
 
-    class CornerErase(keras.layers.Layer):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.generator = keras.random.SeedGenerator(seed)
+    def erase(x, generator):
+        n, h, w = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
+        rows = ops.cast(ops.arange(h), "float32") / ops.cast(h, "float32")
+        cols = ops.cast(ops.arange(w), "float32") / ops.cast(w, "float32")
+        top, left = rows < fraction, cols < fraction
+        bottom, right = rows >= 1 - fraction, cols >= 1 - fraction
+        keep = ops.ones((n, h, w), "float32")
+        for r, c in ((top, left), (top, right), (bottom, left), (bottom, right)):
+            corner = ops.cast(ops.logical_and(r[:, None], c[None, :]), "float32")  # (h, w)
+            hit = ops.cast(keras.random.uniform((n, 1, 1), seed=generator) < probability, "float32")
+            keep = keep * (1.0 - hit * corner[None])
+        return x * keep[..., None]
 
-        def call(self, x, training=None):
-            if not training:
-                return x
-            n, h, w = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
-            rows = ops.cast(ops.arange(h), "float32") / ops.cast(h, "float32")
-            cols = ops.cast(ops.arange(w), "float32") / ops.cast(w, "float32")
-            top, left = rows < fraction, cols < fraction
-            bottom, right = rows >= 1 - fraction, cols >= 1 - fraction
-            keep = ops.ones((n, h, w), "float32")
-            for r, c in ((top, left), (top, right), (bottom, left), (bottom, right)):
-                corner = ops.cast(ops.logical_and(r[:, None], c[None, :]), "float32")  # (h, w)
-                hit = ops.cast(keras.random.uniform((n, 1, 1), seed=self.generator) < probability, "float32")
-                keep = keep * (1.0 - hit * corner[None])
-            return x * keep[..., None]
-
-    return CornerErase(name="corner_erase")
+    return _training_only("corner_erase", seed, erase)
 
 
 CENTRE_BAND = 0.3
@@ -85,23 +94,16 @@ def centre_swapper(probability: float, seed: int, fraction: float = CENTRE_BAND)
     import keras
     from keras import ops
 
-    class CentreSwap(keras.layers.Layer):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.generator = keras.random.SeedGenerator(seed)
+    def swap(x, generator):
+        n, w = ops.shape(x)[0], ops.shape(x)[2]
+        cols = ops.cast(ops.arange(w), "float32") / ops.cast(w, "float32")
+        band = ops.cast(ops.logical_and(cols >= 0.5 - fraction / 2, cols < 0.5 + fraction / 2), "float32")
+        hit = ops.cast(keras.random.uniform((n, 1, 1, 1), seed=generator) < probability, "float32")
+        other = ops.take(x, keras.random.shuffle(ops.arange(n), seed=generator), axis=0)
+        mask = hit * band[None, None, :, None]
+        return x * (1.0 - mask) + other * mask
 
-        def call(self, x, training=None):
-            if not training:
-                return x
-            n, w = ops.shape(x)[0], ops.shape(x)[2]
-            cols = ops.cast(ops.arange(w), "float32") / ops.cast(w, "float32")
-            band = ops.cast(ops.logical_and(cols >= 0.5 - fraction / 2, cols < 0.5 + fraction / 2), "float32")
-            hit = ops.cast(keras.random.uniform((n, 1, 1, 1), seed=self.generator) < probability, "float32")
-            other = ops.take(x, keras.random.shuffle(ops.arange(n), seed=self.generator), axis=0)
-            swap = hit * band[None, None, :, None]
-            return x * (1.0 - swap) + other * swap
-
-    return CentreSwap(name="centre_swap")
+    return _training_only("centre_swap", seed, swap)
 
 
 def build_augmenter(cfg: AugmentConfig, seed: int):
