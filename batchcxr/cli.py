@@ -79,6 +79,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
               help="Probability of blanking each corner square (burned-in markers).")
 @click.option("--centre", type=float, default=0.0, show_default=True,
               help="Probability of giving each image the central vertical band (spine, mediastinum) of another.")
+@click.option("--outside", type=float, default=0.0, show_default=True,
+              help="Probability of giving each image what lies outside its lung fields from another (needs --lungs).")
 @click.option("--aspect", type=float, default=0.0, show_default=True,
               help="Random horizontal-only zoom: aspect-ratio jitter against the squash shortcut.")
 @click.option("--equalize/--no-equalize", default=False, show_default=True,
@@ -103,8 +105,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
           flip: bool, rotation: float, translation: float, contrast: float, brightness: float,
-          corners: float, centre: float, aspect: float, equalize: bool, fine_tune_from: str, head_epochs: int,
-          threshold_rule: str,
+          corners: float, centre: float, outside: float, aspect: float, equalize: bool, fine_tune_from: str,
+          head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, split_rule: str, label_smoothing: float, lung_contract: str,
           lung_model: Path | None, cnn_head: str, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
@@ -134,7 +136,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         patience=patience,
         augment=AugmentConfig(zoom=zoom, shear=shear, horizontal_flip=flip, rotation=rotation,
                               translation=translation, contrast=contrast, brightness=brightness,
-                              corners=corners, centre=centre, aspect=aspect),
+                              corners=corners, centre=centre, outside=outside, aspect=aspect),
         head_epochs=head_epochs,
         fine_tune_from=fine_tune_from,
         tflite_path=tflite_path if model_name == "mobilenetv2" else None,

@@ -119,3 +119,40 @@ def test_centre_swap_gives_images_another_images_central_band_only_in_training()
     swapped = (sources != np.arange(32)).mean()
     assert 0.2 < swapped < 0.7  # about half the images (a permutation can map one to itself)
     assert (augment(x, training=False).numpy() == x).all()
+
+
+def test_outside_swap_gives_images_another_images_pixels_outside_their_own_lungs_only_in_training():
+    from batchcxr.training.architectures import outside_swapper
+
+    swap = outside_swapper(0.5, seed=5)
+    x = np.stack([np.full((224, 224, 1), float(v), np.float32) for v in range(32)])  # image i is all i
+    lungs = np.zeros((32, 224, 224, 1), np.uint8)
+    for i in range(32):  # each image its own lungs: two fields whose width varies with i
+        lungs[i, 40:200, 20:100 - i] = lungs[i, 40:200, 124 + i:204] = 1
+    y = swap((x, lungs), training=True).numpy()[..., 0]
+    own = np.arange(32, dtype=np.float32)[:, None, None]
+    inside = lungs[..., 0] == 1
+    assert (y[inside] == np.broadcast_to(own, y.shape)[inside]).all()  # the lungs: untouched
+    for i in range(32):
+        out = y[i][~inside[i]]
+        assert (out == out[0]).all()  # all of the outside comes from one image of the batch
+    sources = y[:, 0, 0]
+    assert set(sources.tolist()) <= set(range(32))
+    assert 0.2 < (sources != np.arange(32)).mean() < 0.7  # about half the images
+    assert (np.asarray(swap((x, lungs), training=False)[0]) == x).all()  # scoring sees the image as it is
+
+
+def test_lungs_in_input_is_the_dilated_lung_fields_in_the_frame_the_classifier_sees():
+    """For ``crop`` the mask covers the crop's lungs (the box is the lungs' box plus a margin, so
+    the lungs fill most of it); with no lungs found it is all ones (nothing is called outside)."""
+    from batchcxr.normalize.lungfield import LUNG_SIZE, lungs_in_input
+
+    p = np.zeros((LUNG_SIZE, LUNG_SIZE), np.float32)
+    p[LUNG_SIZE // 5 : LUNG_SIZE * 4 // 5, LUNG_SIZE // 8 : LUNG_SIZE * 3 // 8] = 1
+    p[LUNG_SIZE // 5 : LUNG_SIZE * 4 // 5, LUNG_SIZE * 5 // 8 : LUNG_SIZE * 7 // 8] = 1
+    crop = lungs_in_input(p, "crop", 224)
+    whole = lungs_in_input(p, "none", 224)
+    assert crop.shape == whole.shape == (224, 224) and crop.dtype == np.uint8
+    assert 0.15 < whole.mean() < 0.5 < crop.mean() < 0.9
+    assert crop[:, 112].sum() == 0 and crop[112, 30] == 1  # the gap between the lungs stays outside
+    assert lungs_in_input(np.zeros_like(p), "crop", 224).all()

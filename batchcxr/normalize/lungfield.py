@@ -216,12 +216,28 @@ def apply_lungs(image: np.ndarray, probability: np.ndarray, mode: str) -> tuple[
     box = crop_box(lungs) if "crop" in mode else FULL_BOX
     out = crop_to_box(image, box, size) if box != FULL_BOX else image.copy()
     if "mask" in mode:
-        y0, x0, y1, x1 = box.pixels(*lungs.shape)
-        part = lungs[y0:y1, x0:x1].astype(np.float32)
-        keep = (cv2.resize(part, (size, size), interpolation=cv2.INTER_LINEAR) >= 0.5).astype(out.dtype)
+        keep = _lungs_in_box(lungs, box, size).astype(out.dtype)
         if keep.any():  # no lungs found: nothing to mask by (the quality gate decides about such images)
             out = out * (keep[..., np.newaxis] if out.ndim == 3 else keep)
     return out, box
+
+
+def _lungs_in_box(lungs: np.ndarray, box: LungBox, size: int) -> np.ndarray:
+    """A 0/1 lung mask's part inside ``box``, resized to size x size (uint8)."""
+    y0, x0, y1, x1 = box.pixels(*lungs.shape)
+    part = lungs[y0:y1, x0:x1].astype(np.float32)
+    return (cv2.resize(part, (size, size), interpolation=cv2.INTER_LINEAR) >= 0.5).astype(np.uint8)
+
+
+def lungs_in_input(probability: np.ndarray, mode: str, size: int) -> np.ndarray:
+    """The slightly dilated lung fields in the frame of the input a classifier takes under lung
+    contract ``mode`` (apply_lungs): a (size, size) uint8 0/1 mask, all ones when no lungs are
+    found. Training uses it to tell the lungs from the rest of each input (``--outside``)."""
+    lungs = dilate(clean_mask(probability))
+    if not lungs.any():
+        return np.ones((size, size), np.uint8)
+    box = crop_box(lungs) if "crop" in mode else FULL_BOX
+    return _lungs_in_box(lungs, box, size)
 
 
 def cam_in_frame(cam: np.ndarray, box: LungBox, size: int) -> np.ndarray:

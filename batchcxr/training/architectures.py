@@ -39,6 +39,11 @@ class AugmentConfig:
     mediastinum, heart on a lung crop) with the same band of another image of the batch, whatever
     its class: the band then says nothing reliable about the label, so a model cannot lean on it
     (Grad-CAM showed the CNN looking at the spine and mediastinum)."""
+    outside: float = 0.0
+    """Probability of replacing everything outside each image's slightly dilated lung fields
+    (shoulders, neck, mediastinum, diaphragm, corners: see normalize.lungfield.lungs_in_input)
+    with the same pixels of another image of the batch, whatever its class: what lies outside the
+    lungs then says nothing reliable about the label. Needs a lung contract (``--lungs``)."""
     aspect: float = 0.0
     """Random horizontal-only zoom (fraction): changes the aspect ratio. The 224 px training images
     were squashed from originals whose width/height differs by class (train sample: NORMAL ~1.24,
@@ -104,6 +109,25 @@ def centre_swapper(probability: float, seed: int, fraction: float = CENTRE_BAND)
         return x * (1.0 - mask) + other * mask
 
     return _training_only("centre_swap", seed, swap)
+
+
+def outside_swapper(probability: float, seed: int):
+    """A Keras layer called on (images, lung masks) that, in training only, gives each image with
+    ``probability`` the pixels of another image of the same batch wherever its own (0/1) lung mask
+    is 0 (a random permutation: the source is independent of the image's label); it returns the
+    images. Outside training it returns its input unchanged."""
+    import keras
+    from keras import ops
+
+    def swap(inputs, generator):
+        x, lungs = inputs
+        n = ops.shape(x)[0]
+        hit = ops.cast(keras.random.uniform((n, 1, 1, 1), seed=generator) < probability, "float32")
+        other = ops.take(x, keras.random.shuffle(ops.arange(n), seed=generator), axis=0)
+        mask = hit * (1.0 - ops.cast(lungs, "float32"))
+        return x * (1.0 - mask) + other * mask
+
+    return _training_only("outside_swap", seed, swap)
 
 
 def build_augmenter(cfg: AugmentConfig, seed: int):

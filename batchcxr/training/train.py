@@ -22,11 +22,13 @@ from batchcxr.evaluation.metrics import binary_metrics, choose_threshold
 from batchcxr.modelcard import WEIGHTS_FILE, model_version, sha256_file, write_card
 from batchcxr.paths import MODELS_DIR
 from batchcxr.normalize.contract import PreprocessContract, finish_batch
+from batchcxr.normalize.lungfield import lungs_in_input
 from batchcxr.training.architectures import (
     AugmentConfig,
     build_augmenter,
     build_cnn,
     build_mobilenetv2,
+    outside_swapper,
     set_trainable_from,
 )
 from batchcxr.training.data import (
@@ -101,13 +103,24 @@ def _class_weight(y: np.ndarray) -> dict[int, float]:
     return {k: float(n / (2 * max(c, 1))) for k, c in enumerate(counts)}
 
 
-def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augmenter=None):
+def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augmenter=None, lungs: np.ndarray | None = None,
+             outside=None):
+    """Batches of (float32 image, label); with ``augmenter``, shuffled and augmented, and with
+    ``outside`` (architectures.outside_swapper) and ``lungs`` (each image's lung mask), the
+    outside of the lungs swapped first, while masks and images still line up."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if outside is not None:
+        ds = tf.data.Dataset.from_tensor_slices((x, lungs, y))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
     if augmenter is not None:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch).map(lambda a, b: (tf.cast(a, tf.float32), b))
+    ds = ds.batch(batch)
+    if outside is not None:
+        ds = ds.map(lambda a, m, b: (outside((tf.cast(a, tf.float32), m[..., None]), training=True), b))
+    else:
+        ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b))
     if augmenter is not None:
         ds = ds.map(lambda a, b: (augmenter(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -136,10 +149,12 @@ def _compile(model, lr: float, label_smoothing: float = 0.0) -> None:
     )
 
 
-def _fit(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va, epochs: int, lr: float) -> int:
+def _fit(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va, epochs: int, lr: float,
+         lungs_tr: np.ndarray | None = None) -> int:
     _compile(model, lr, cfg.label_smoothing)
+    outside = outside_swapper(cfg.augment.outside, cfg.seed) if cfg.augment.outside > 0 else None
     history = model.fit(
-        _dataset(x_tr, y_tr, cfg.batch_size, cfg.seed, build_augmenter(cfg.augment, cfg.seed)),
+        _dataset(x_tr, y_tr, cfg.batch_size, cfg.seed, build_augmenter(cfg.augment, cfg.seed), lungs_tr, outside),
         validation_data=_dataset(x_va, y_va, cfg.batch_size, cfg.seed),
         epochs=epochs,
         class_weight=_class_weight(y_tr),
@@ -258,14 +273,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     x_tr, y_tr = load_images(train_items)
     x_va, y_va = load_images(val_items)
     lung_card = None
+    lungs_tr = None
     if cfg.lungs != "none":
         from batchcxr.infer.lungs import load_lung_model
 
         lung = load_lung_model(cfg.lung_model or MODELS_DIR / "lungs", threads=2)
         lung_card = {"name": lung.name, "version": lung.version}
-        x_tr = lung.transform(x_tr, cfg.lungs)[0]
+        x_tr, _, probs_tr = lung.transform(x_tr, cfg.lungs)
         x_va = lung.transform(x_va, cfg.lungs)[0]
         log.info("inputs under the lung contract %r (%s)", cfg.lungs, lung.version)
+        if cfg.augment.outside > 0:
+            lungs_tr = np.stack([lungs_in_input(p, cfg.lungs, x_tr.shape[1]) for p in probs_tr])
+    elif cfg.augment.outside > 0:
+        raise ValueError("--outside needs a lung contract (--lungs): it swaps what lies outside the lung fields")
     if cfg.equalize:
         x_tr = finish_batch(x_tr, True).astype(np.uint8)
         x_va = finish_batch(x_va, True).astype(np.uint8)
@@ -277,7 +297,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         epochs_run += _train_mobilenetv2_head(model, cfg, x_tr, y_tr, x_va, y_va)
         set_trainable_from(model, cfg.fine_tune_from)
     if cfg.epochs > 0:
-        epochs_run += _fit(model, cfg, x_tr, y_tr, x_va, y_va, cfg.epochs, cfg.learning_rate)
+        epochs_run += _fit(model, cfg, x_tr, y_tr, x_va, y_va, cfg.epochs, cfg.learning_rate, lungs_tr)
 
     val_scores = model.predict(x_va.astype(np.float32), batch_size=64, verbose=0).ravel()
     threshold = choose_threshold(y_va, val_scores, cfg.threshold_rule)
