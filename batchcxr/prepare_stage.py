@@ -19,7 +19,6 @@ from batchcxr.domain import Deferred, FailStage, FileKind, ImageStatus, Prepared
 from batchcxr.errors import FileChanged, FileTooLarge, FileVanished, NotRegularFile
 from batchcxr.ingest.complete import is_complete
 from batchcxr.ingest.files import read_regular
-from batchcxr.normalize.prepare import prepare
 from batchcxr.report.files import TMP_DIR, atomic_write
 from batchcxr.report.overlay import IMAGE_SUFFIX, encode_image
 from batchcxr.settings import QualitySettings, Settings
@@ -77,6 +76,7 @@ def _init_decode_worker(parent: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would only contend
+    import batchcxr.normalize.prepare  # noqa: F401 - the decoders (pydicom, ~0.3 s) before the first task
 
 
 def start_decoders(workers: int) -> ProcessPoolExecutor:
@@ -135,6 +135,8 @@ def prepare_file(path: Path, root: Path, quality: QualitySettings, display_size:
         reason = f"unreadable: {exc.strerror or exc}"
         return Prepared(source, Rejection(source, ImageStatus.FAILED, FailStage.READ, reason),
                         time.perf_counter() - start)
+    from batchcxr.normalize.prepare import prepare  # imported here: the scorer's own process seldom needs it
+
     try:
         result = prepare(source, data, quality, folder_key(path, root), display_size)
     except Exception as exc:  # noqa: BLE001 - one bad file never stops a run

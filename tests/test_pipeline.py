@@ -348,3 +348,25 @@ def test_demo_copy_survives_without_shared(tmp_path, make_scorer):
     summary = make_scorer().score_tree(copy)
     assert summary.scored == 7
     assert np.isfinite(summary.seconds)
+
+
+def test_score_with_decode_workers_never_imports_the_decoders_in_its_own_process(tmp_path):
+    """`batchcxr score` starts its decode workers before loading the rest and leaves every file to
+    them: its own process never imports pydicom (~0.3 s of every start), whatever it scores."""
+    import subprocess
+    import sys
+
+    from tests.helpers import write_config
+
+    folder = tmp_path / "in"
+    for k in range(6):
+        dicom_file(folder / "d" / f"{k}.dcm", chest_like(seed=k), StudyInstanceUID=f"1.2.3.{k}")
+        jpeg_file(folder / "j" / f"{k}.jpg", chest_like(seed=10 + k))
+    cfg = write_config(tmp_path, top={"decode_workers": 1, "batch_size": 4})
+    probe = ("import sys\nfrom batchcxr.cli import main\ntry:\n"
+             "    main.main(['score', sys.argv[1], '--config', sys.argv[2], '--no-progress'], standalone_mode=False)\n"
+             "except SystemExit as exc:\n    print('exit', exc.code)\nprint('pydicom', 'pydicom' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(folder), str(cfg)], capture_output=True, text=True,
+                         timeout=300)
+    assert re.search(r"scored +12 ", out.stdout) and "exit 0" in out.stdout, out.stdout + out.stderr
+    assert "pydicom False" in out.stdout

@@ -15,23 +15,17 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 
 from batchcxr import metrics
 from batchcxr.logs import escape_controls
-from batchcxr.report.dicom_results import (
-    Finding,
-    SourceImage,
-    StudyRecord,
-    gradcam_gsps,
-    gradcam_sc,
-    heat_contour,
-    overlay_rgb,
-    pneumonia_sr,
-)
 from batchcxr.report.files import atomic_write, private_dir
 from batchcxr.settings import Destination, Settings
+
+if TYPE_CHECKING:
+    from batchcxr.report.dicom_results import Finding
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +74,8 @@ class Outbox:
             after = studies[-1].id
 
     def _findings(self, study) -> list[Finding]:
+        from batchcxr.report.dicom_results import Finding, SourceImage  # pydicom: only a process that sends
+
         lateral = {v.upper() for v in self.settings.quality.lateral_views}
         findings = []
         for img in study.images:
@@ -98,6 +94,15 @@ class Outbox:
         return findings
 
     def enqueue_study(self, study) -> int:
+        from batchcxr.report.dicom_results import (
+            StudyRecord,
+            gradcam_gsps,
+            gradcam_sc,
+            heat_contour,
+            overlay_rgb,
+            pneumonia_sr,
+        )
+
         findings = self._findings(study)
         if not findings:
             return 0
