@@ -119,6 +119,8 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         click.echo(f"saved {out_dir} in {card['training_seconds']:.0f} s; held-out Dice mean {d['mean']:.4f}, "
                    f"median {d['median']:.4f}, min {d['min']:.4f} ({d['n']} pairs)")
         return
+    if outside > 0 and lung_contract == "none":
+        raise click.UsageError("--outside needs a lung contract (--lungs): it swaps what lies outside the lung fields")
     from batchcxr.training.architectures import AugmentConfig
     from batchcxr.training.train import TrainConfig, train as run_train
 

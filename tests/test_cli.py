@@ -68,3 +68,12 @@ def test_bad_settings_exit_two_and_missing_models_exit_three(tmp_path):
     cfg.write_text(f'[batchcxr]\nbatch_size = 2\ndecode_workers = 1\nmodels = ["{tmp_path / "nope"}"]\n')
     out = _run("score", "in", "--config", str(cfg), cwd=tmp_path)
     assert out.returncode == 3 and "model card not found" in out.stderr
+
+
+def test_train_refuses_outside_swap_without_a_lung_contract(tmp_path):
+    """--outside swaps what lies outside the lung fields: without --lungs there are none, so the
+    options are refused (exit 2) before any data is read."""
+    out = _run("train", "--model", "cnn", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--outside", "0.5",
+               cwd=tmp_path)
+    assert out.returncode == 2 and "--outside needs a lung contract" in out.stderr
+    assert not (tmp_path / "m").exists()

@@ -263,6 +263,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train, choose the threshold on validation, save weights and the model card."""
     import keras
 
+    if cfg.augment.outside > 0 and cfg.lungs == "none":
+        raise ValueError("--outside needs a lung contract (--lungs): it swaps what lies outside the lung fields")
     start = time.monotonic()
     keras.utils.set_random_seed(cfg.seed)
     items = list_split(cfg.data_dir)
@@ -284,8 +286,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.info("inputs under the lung contract %r (%s)", cfg.lungs, lung.version)
         if cfg.augment.outside > 0:
             lungs_tr = np.stack([lungs_in_input(p, cfg.lungs, x_tr.shape[1]) for p in probs_tr])
-    elif cfg.augment.outside > 0:
-        raise ValueError("--outside needs a lung contract (--lungs): it swaps what lies outside the lung fields")
     if cfg.equalize:
         x_tr = finish_batch(x_tr, True).astype(np.uint8)
         x_va = finish_batch(x_va, True).astype(np.uint8)
