@@ -88,6 +88,20 @@ def corner_eraser(probability: float, seed: int, fraction: float = 0.25):
     return _training_only("corner_erase", seed, erase)
 
 
+def _from_another(x, region, probability: float, generator):
+    """``x`` where each image, with ``probability``, has the pixels of another image of the batch
+    wherever ``region`` (broadcast against ``x``) is 1: a random permutation picks the other, so
+    what it brings is independent of the image's label."""
+    import keras
+    from keras import ops
+
+    n = ops.shape(x)[0]
+    hit = ops.cast(keras.random.uniform((n, 1, 1, 1), seed=generator) < probability, "float32")
+    other = ops.take(x, keras.random.shuffle(ops.arange(n), seed=generator), axis=0)
+    mask = hit * region
+    return x * (1.0 - mask) + other * mask
+
+
 CENTRE_BAND = 0.3
 """Width of the central band centre_swapper exchanges, as a fraction of the image width."""
 
@@ -96,17 +110,13 @@ def centre_swapper(probability: float, seed: int, fraction: float = CENTRE_BAND)
     """A Keras layer that, in training only, gives each image with ``probability`` the central
     vertical band (``fraction`` of the width) of another image of the same batch (a random
     permutation: the band's source is independent of the image's label)."""
-    import keras
     from keras import ops
 
     def swap(x, generator):
-        n, w = ops.shape(x)[0], ops.shape(x)[2]
+        w = ops.shape(x)[2]
         cols = ops.cast(ops.arange(w), "float32") / ops.cast(w, "float32")
         band = ops.cast(ops.logical_and(cols >= 0.5 - fraction / 2, cols < 0.5 + fraction / 2), "float32")
-        hit = ops.cast(keras.random.uniform((n, 1, 1, 1), seed=generator) < probability, "float32")
-        other = ops.take(x, keras.random.shuffle(ops.arange(n), seed=generator), axis=0)
-        mask = hit * band[None, None, :, None]
-        return x * (1.0 - mask) + other * mask
+        return _from_another(x, band[None, None, :, None], probability, generator)
 
     return _training_only("centre_swap", seed, swap)
 
@@ -116,16 +126,11 @@ def outside_swapper(probability: float, seed: int):
     ``probability`` the pixels of another image of the same batch wherever its own (0/1) lung mask
     is 0 (a random permutation: the source is independent of the image's label); it returns the
     images. Outside training it returns its input unchanged."""
-    import keras
     from keras import ops
 
     def swap(inputs, generator):
         x, lungs = inputs
-        n = ops.shape(x)[0]
-        hit = ops.cast(keras.random.uniform((n, 1, 1, 1), seed=generator) < probability, "float32")
-        other = ops.take(x, keras.random.shuffle(ops.arange(n), seed=generator), axis=0)
-        mask = hit * (1.0 - ops.cast(lungs, "float32"))
-        return x * (1.0 - mask) + other * mask
+        return _from_another(x, 1.0 - ops.cast(lungs, "float32"), probability, generator)
 
     return _training_only("outside_swap", seed, swap)
 
