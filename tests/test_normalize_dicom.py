@@ -172,6 +172,27 @@ def test_large_jpeg_file_is_decoded_reduced(tmp_path):
     assert np.abs(result.model_input.astype(np.float32) - reference).mean() < 2.0
 
 
+def test_odd_sided_sixteen_bit_frame_is_shrunk_by_blocks_and_matches_full_size(tmp_path):
+    """A 1201 x 1001 frame is shrunk by 2 before windowing: whole blocks plus the cut-off last row
+    and column (not OpenCV's general-ratio resize), and the model input still matches the
+    full-size processing."""
+    import cv2
+
+    from batchcxr.normalize.contract import to_model_input
+    from batchcxr.normalize.dicom import dataset_to_gray
+
+    big = cv2.resize(chest_like(), (1001, 1201), interpolation=cv2.INTER_CUBIC).astype(np.uint16) * 16
+    path = dicom_file(tmp_path / "odd.dcm", big, bits_stored=12)
+    result = _prepare(path)
+    assert isinstance(result, PreparedImage), getattr(result, "reason", "")
+    ds = pydicom.dcmread(path)
+    full, _ = dataset_to_gray(ds, ds.pixel_array)
+    reference = to_model_input(full).astype(np.float32)
+    err = np.abs(result.model_input.astype(np.float32) - reference)
+    assert err.mean() < 0.5 and np.percentile(err, 99.9) <= 2
+    assert max(result.display.shape) == 512 and result.display.shape[1] in (426, 427)
+
+
 @pytest.mark.parametrize("syntax", ["explicit", "implicit"])
 def test_native_frame_reads_the_file_bytes_in_place(tmp_path, syntax):
     from batchcxr.normalize.dicom import native_frame

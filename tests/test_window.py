@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from batchcxr.normalize.contract import area_shrink, to_model_input
+from batchcxr.normalize.contract import Cover, area_shrink, block_shrink, to_model_input
 from batchcxr.normalize.window import apply_window, rescale_to_unit, rgb_to_gray, to_uint8
 
 
@@ -85,3 +85,38 @@ def test_area_shrink_refuses_to_enlarge_and_the_contract_still_does():
     small = np.arange(100 * 300, dtype=np.uint32).reshape(100, 300).astype(np.uint8)
     expected = cv2.resize(small, (224, 224), interpolation=cv2.INTER_AREA)
     assert np.array_equal(to_model_input(small)[..., 0], expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_block_shrink_averages_whole_blocks_and_the_cut_ones_by_the_pixels_they_have(dtype):
+    rng = np.random.default_rng(7)
+    frame = rng.integers(0, 4096, (2021, 1655)).astype(dtype)
+    out, cover = block_shrink(frame, 2)
+    assert out.shape == (1011, 828) and out.dtype == frame.dtype and cover == Cover(2021, 1655, 2)
+    assert np.array_equal(out[:1010, :827], cv2.resize(frame[:2020, :1654], (827, 1010), interpolation=cv2.INTER_AREA))
+    tol = 0.5 if dtype == np.uint16 else 1e-3  # integer frames: means rounded to whole values
+    assert np.abs(out[:1010, 827] - frame[:2020, 1654].astype(float).reshape(1010, 2).mean(1)).max() <= tol
+    assert np.abs(out[1010, :827] - frame[2020, :1654].astype(float).reshape(827, 2).mean(1)).max() <= tol
+    assert out[1010, 827] == frame[2020, 1654]
+    assert cover.whole(out).shape == (1010, 827)
+    even, _ = block_shrink(frame[:2020, :1654], 2)  # whole blocks only: OpenCV's integer-ratio resize itself
+    assert np.array_equal(even, cv2.resize(frame[:2020, :1654], (827, 1010), interpolation=cv2.INTER_AREA))
+
+
+@pytest.mark.parametrize("shape, factor", [((2021, 1655), 2), ((1601, 1400), 2), ((1900, 2047), 4), ((1800, 1500), 2)])
+def test_area_shrink_of_a_block_shrink_keeps_the_frame_geometry(shape, factor):
+    """A frame that is constant on each block: block_shrink loses nothing, so the model input from
+    it must be the frame's own area resize, however many rows and columns the last blocks have."""
+    rng = np.random.default_rng(shape[0])
+    blocks = cv2.GaussianBlur(rng.integers(0, 256, (-(-shape[0] // factor), -(-shape[1] // factor)), dtype=np.uint8),
+                              (0, 0), 3)
+    frame = np.kron(blocks, np.ones((factor, factor), np.uint8))[: shape[0], : shape[1]]
+    shrunk, cover = block_shrink(frame, factor)
+    assert np.array_equal(shrunk, blocks)
+    ours = to_model_input(shrunk, cover=cover)[..., 0].astype(int)
+    theirs = cv2.resize(frame, (224, 224), interpolation=cv2.INTER_AREA).astype(int)
+    assert np.abs(ours - theirs).max() <= 1 and np.mean(ours != theirs) < 0.01
+    # without the cover the partial strip would count as a whole pixel: the geometry shifts
+    if shrunk.shape != (shape[0] // factor, shape[1] // factor):
+        shifted = area_shrink(shrunk, 224).astype(int)
+        assert np.abs(shifted - theirs).max() > 1

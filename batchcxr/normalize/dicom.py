@@ -26,7 +26,7 @@ from pydicom.uid import (
     JPEGExtended12Bit,
 )
 
-from batchcxr.normalize.contract import REDUCED_FLAGS, decode_image_bytes, reduction_factor
+from batchcxr.normalize.contract import REDUCED_FLAGS, Cover, block_shrink, decode_image_bytes, reduction_factor
 from batchcxr.normalize.j2k import decode_reduced
 from batchcxr.normalize.window import (
     apply_window,
@@ -163,26 +163,26 @@ def native_frame(ds: Dataset, data: bytes) -> np.ndarray | None:
     return view.reshape(rows, columns)
 
 
-def shrink_stored(ds: Dataset, pixels: np.ndarray, keep_short: int, keep_long: int) -> np.ndarray:
-    """Downscale a large grayscale frame (INTER_AREA; 16-bit frames as integers, others as
-    float32) before the value transforms.
+def shrink_stored(ds: Dataset, pixels: np.ndarray, keep_short: int, keep_long: int) -> tuple[np.ndarray, Cover | None]:
+    """Downscale a large grayscale frame by whole blocks (``contract.block_shrink``; 16-bit frames
+    as integers, others as float32) before the value transforms. Returns the frame and, when it
+    was shrunk, its ``Cover`` (the geometry ``to_model_input`` needs).
 
     Rescale and windowing are per pixel, so doing them after an area resize costs a fraction of
     the work and changes the result only where the window clips. Frames that go through lookup
     tables (Modality/VOI LUT Sequence, palette) need their integer values and are left alone.
     """
     if pixels.ndim != 2 or any(k in ds for k in ("ModalityLUTSequence", "VOILUTSequence")):
-        return pixels
+        return pixels, None
     if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
-        return pixels
+        return pixels, None
     factor = reduction_factor(pixels.shape[0], pixels.shape[1], keep_short, keep_long)
     if factor == 1:
-        return pixels
-    size = (pixels.shape[1] // factor, pixels.shape[0] // factor)
+        return pixels, None
     if pixels.dtype in (np.uint16, np.int16):
         # 16-bit averages rounded to whole stored values: at most 1/2 of one of 4096+ levels
-        return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
-    return cv2.resize(pixels.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+        return block_shrink(pixels, factor)
+    return block_shrink(pixels.astype(np.float32), factor)
 
 
 def dataset_to_gray(ds: Dataset, pixels: np.ndarray) -> tuple[np.ndarray, Presentation]:

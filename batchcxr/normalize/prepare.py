@@ -31,6 +31,7 @@ from batchcxr.domain import (
 )
 from batchcxr.normalize.contract import (
     CONTRACT,
+    Cover,
     decode_image_bytes,
     display_image,
     reduction_factor,
@@ -194,8 +195,10 @@ KEEP_SHORT = 2 * CONTRACT.input_size
 """Reduced-resolution decoding keeps at least this many pixels on the short side."""
 
 
-def _prepared(source, study, image, gray, notes, display_size) -> PreparedImage:
-    return PreparedImage(source, study, image, display_image(gray, display_size), to_model_input(gray), notes)
+def _prepared(source, study, image, gray, notes, display_size, cover: Cover | None = None) -> PreparedImage:
+    whole = gray if cover is None else cover.whole(gray)  # a partial last row or column is not shown
+    return PreparedImage(source, study, image, display_image(whole, display_size), to_model_input(gray, cover=cover),
+                         notes)
 
 
 def _too_large(header: FrameHeader, q: QualitySettings, what: str) -> str | None:
@@ -265,7 +268,7 @@ def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_ke
         frame = native_frame(ds, data)
         if frame is None:
             frame = decode_pixels(ds, KEEP_SHORT, display_size)
-        arr = shrink_stored(ds, frame, KEEP_SHORT, display_size)
+        arr, cover = shrink_stored(ds, frame, KEEP_SHORT, display_size)
         gray, presentation = dataset_to_gray(ds, arr)
     except NotImplementedError as exc:
         return _reject(source, ImageStatus.FAILED, FailStage.DECODE,
@@ -281,7 +284,7 @@ def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_ke
         notes.append(f"transfer syntax {image.transfer_syntax}")
     if frame.ndim == 2 and image.rows and frame.shape[0] < image.rows:
         notes.append(f"decoded at 1/{round(image.rows / frame.shape[0])} size")
-    return _prepared(source, study, image, gray, notes, display_size)
+    return _prepared(source, study, image, gray, notes, display_size, cover)
 
 
 def _image_complete(kind: FileKind, data: bytes) -> bool:
