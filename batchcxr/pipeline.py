@@ -30,7 +30,7 @@ from batchcxr import metrics
 from batchcxr.domain import Deferred, FailStage, FileKind, ImageStatus, PreparedImage, Rejection, SourceFile, Stored
 from batchcxr.errors import InputError
 from batchcxr.infer.lungs import LungModel, load_lung_model
-from batchcxr.infer.runtime import ScoringModel, load_scoring_model
+from batchcxr.infer.runtime import RUN_CHUNK, ScoringModel, load_scoring_model
 from batchcxr.ingest.files import FileIdentity, read_regular, walk
 from batchcxr.normalize.contract import finish_batch
 from batchcxr.normalize.lungfield import check_lungs
@@ -577,6 +577,9 @@ class Scorer:
         claimed: list[str] = []
         inflight: deque[InFlight] = deque()
         batch_size = self.settings.batch_size
+        # infer threads with nothing to do (the run's start, or decoding behind) take a batch as soon as
+        # each can have a full ONNX Runtime chunk, instead of idling until a whole batch is read
+        idle_batch = min(batch_size, infer_threads(self.settings) * RUN_CHUNK)
         wait = self.settings.watch.incomplete_timeout_seconds if incomplete_seconds is None else incomplete_seconds
 
         def flush_chunk() -> None:
@@ -621,9 +624,9 @@ class Scorer:
                     chunk.append((prepared.source, prepared.result))
                 if progress:
                     progress(1)
-                if len(chunk) >= batch_size or len(early) >= batch_size:
+                if len(chunk) >= batch_size or len(early) >= batch_size or (not inflight and len(chunk) >= idle_batch):
                     flush_chunk()
-                while len(pending) >= batch_size:
+                while len(pending) >= batch_size or (not inflight and len(pending) >= idle_batch):
                     inflight.append(self._start_batch(pending[:batch_size]))
                     del pending[:batch_size]
                     if len(inflight) >= IN_FLIGHT:

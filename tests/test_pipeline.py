@@ -300,6 +300,25 @@ def test_decode_worker_process_gives_the_inline_results(tmp_path, make_scorer):
     assert all(abs(pooled_scores[k] - inline_scores[k]) < 1e-6 for k in inline_scores)
 
 
+def test_idle_infer_threads_take_a_batch_before_a_whole_one_is_read(tmp_path, make_scorer, monkeypatch):
+    """At a run's start no batch is in flight: the first starts once each infer thread can have a
+    full ONNX Runtime chunk (2 x 8 images), not after batch_size files; the rest as before."""
+    folder = tmp_path / "in"
+    for k in range(21):
+        jpeg_file(folder / f"s{k:02d}" / "a.jpg", chest_like(seed=k))
+    scorer = make_scorer(batch_size=32, decode_workers=0, infer_threads=2)
+    sizes = []
+    start = Scorer._start_batch
+
+    def record(self, batch):
+        sizes.append(len(batch))
+        return start(self, batch)
+
+    monkeypatch.setattr(Scorer, "_start_batch", record)
+    summary = scorer.score_tree(folder)
+    assert summary.scored == 21 and sizes == [16, 5]
+
+
 def test_markup_in_dicom_fields_is_inert_and_chooses_no_path(tmp_path, make_scorer):
     folder = tmp_path / "in"
     dicom_file(folder / "evil.dcm", PatientName="<script>alert(1)</script>",
