@@ -156,6 +156,20 @@ def test_large_jpeg_baseline_dicom_uses_reduced_decode_and_matches_full(tmp_path
     assert max(result.display.shape) == 512
 
 
+def test_small_jpeg_baseline_dicom_is_decoded_by_opencv_like_pydicom(tmp_path):
+    """A frame too small to decode reduced still goes to OpenCV's libjpeg-turbo (4-5x faster than
+    pydicom's libjpeg plugin), not pydicom: its exact values, within 1 level of pydicom's."""
+    from batchcxr.normalize.contract import decode_image_bytes
+    from batchcxr.normalize.dicom import decode_pixels, first_frame
+    from batchcxr.normalize.prepare import KEEP_SHORT
+
+    ds = pydicom.dcmread(dicom_file(tmp_path / "small.dcm", chest_like(), "jpeg-baseline"))
+    frame = decode_pixels(ds, KEEP_SHORT, 512)
+    assert frame.shape == (320, 280) and frame.dtype == np.uint8
+    assert np.array_equal(frame, decode_image_bytes(first_frame(ds)))
+    assert np.abs(frame.astype(int) - ds.pixel_array.astype(int)).max() <= 1
+
+
 def test_large_jpeg_file_is_decoded_reduced(tmp_path):
     import cv2
 
