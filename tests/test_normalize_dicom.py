@@ -170,6 +170,21 @@ def test_small_jpeg_baseline_dicom_is_decoded_by_opencv_like_pydicom(tmp_path):
     assert np.abs(frame.astype(int) - ds.pixel_array.astype(int)).max() <= 1
 
 
+def test_jpeg_baseline_label_on_a_stream_opencv_cannot_decode_falls_back_to_pydicom(tmp_path):
+    """A JPEG-LS stream filed under the JPEG Baseline transfer syntax (a mislabelled archive
+    file): OpenCV refuses it, pydicom's libjpeg plugin decodes it, so the file is scored."""
+    import cv2
+    from pydicom.uid import JPEGBaseline8Bit
+
+    big = cv2.resize(chest_like(), (1100, 1200), interpolation=cv2.INTER_CUBIC)
+    ds = pydicom.dcmread(dicom_file(tmp_path / "ls.dcm", big, "jpeg-ls"))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(tmp_path / "mislabelled.dcm", enforce_file_format=True)
+    result = _prepare(tmp_path / "mislabelled.dcm")
+    assert isinstance(result, PreparedImage), getattr(result, "reason", "")
+    assert result.model_input.shape == (224, 224, 1) and max(result.display.shape) == 512
+
+
 def test_large_jpeg_file_is_decoded_reduced(tmp_path):
     import cv2
 

@@ -110,13 +110,16 @@ def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
     OpenJPEG resolution levels (normalize/j2k.py). An 8-bit grayscale JPEG too small to
     reduce is decoded by OpenCV too (libjpeg-turbo: 1.6 ms against 7.3 ms for pydicom's
     libjpeg plugin on a bench frame; values within 1 level, as between any two JPEG decoders).
-    Everything else by pydicom and its plugins, at full size.
+    Everything else, and a JPEG frame OpenCV cannot decode, by pydicom and its plugins, at full size.
     """
     tsuid = ds.file_meta.TransferSyntaxUID
     single_gray = int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1
     if tsuid in (JPEGBaseline8Bit, JPEGExtended12Bit) and int(ds.get("BitsAllocated", 0)) == 8 and single_gray:
         factor = reduction_factor(int(ds.Rows), int(ds.Columns), keep_short, keep_long)
-        return decode_image_bytes(first_frame(ds), reduce=factor)
+        try:
+            return decode_image_bytes(first_frame(ds), reduce=factor)
+        except ValueError:
+            pass  # a stream OpenCV does not take (another JPEG process under this label?): pydicom's plugins may
     if (tsuid in (JPEG2000Lossless, JPEG2000) and single_gray and int(ds.get("PixelRepresentation", 0) or 0) == 0
             and str(ds.get("PhotometricInterpretation", "")).upper() in ("MONOCHROME1", "MONOCHROME2")):
         # each wavelet level halves both sides: the same powers of two as JPEG's DCT scaling
