@@ -185,6 +185,23 @@ def test_jpeg_baseline_label_on_a_stream_opencv_cannot_decode_falls_back_to_pydi
     assert result.model_input.shape == (224, 224, 1) and max(result.display.shape) == 512
 
 
+def test_truncated_jpeg_frame_in_a_dicom_is_refused_not_scored_half_grey(tmp_path):
+    """libjpeg decodes a JPEG stream cut short as a picture whose missing part is flat grey:
+    a frame without its end marker is refused with the reason, as a truncated JPEG file is."""
+    from pydicom.encaps import encapsulate
+
+    from batchcxr.normalize.dicom import first_frame
+
+    ds = pydicom.dcmread(dicom_file(tmp_path / "whole.dcm", chest_like(), "jpeg-baseline"))
+    frame = first_frame(ds)
+    cut = frame[: len(frame) * 2 // 3]
+    ds.PixelData = encapsulate([cut + b"\x00" * (len(cut) % 2)])
+    ds.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+    result = _prepare(tmp_path / "cut.dcm")
+    assert isinstance(result, Rejection) and result.status == ImageStatus.FAILED
+    assert "truncated JPEG frame (no end marker)" in result.reason
+
+
 def test_large_jpeg_file_is_decoded_reduced(tmp_path):
     import cv2
 

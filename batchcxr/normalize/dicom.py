@@ -116,8 +116,12 @@ def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
     single_gray = int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1
     if tsuid in (JPEGBaseline8Bit, JPEGExtended12Bit) and int(ds.get("BitsAllocated", 0)) == 8 and single_gray:
         factor = reduction_factor(int(ds.Rows), int(ds.Columns), keep_short, keep_long)
+        frame = first_frame(ds)
+        if frame.startswith(b"\xff\xd8") and not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            # libjpeg (OpenCV's and pydicom's alike) would show the missing part as flat grey
+            raise ValueError("truncated JPEG frame (no end marker)")
         try:
-            return decode_image_bytes(first_frame(ds), reduce=factor)
+            return decode_image_bytes(frame, reduce=factor)
         except ValueError:
             pass  # a stream OpenCV does not take (another JPEG process under this label?): pydicom's plugins may
     if (tsuid in (JPEG2000Lossless, JPEG2000) and single_gray and int(ds.get("PixelRepresentation", 0) or 0) == 0
