@@ -111,6 +111,11 @@ def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
     reduce is decoded by OpenCV too (libjpeg-turbo: 1.6 ms against 7.3 ms for pydicom's
     libjpeg plugin on a bench frame; values within 1 level, as between any two JPEG decoders).
     Everything else, and a JPEG frame OpenCV cannot decode, by pydicom and its plugins, at full size.
+
+    Raises
+    ------
+    ValueError
+        For a JPEG Baseline/Extended frame cut short (no end marker).
     """
     tsuid = ds.file_meta.TransferSyntaxUID
     single_gray = int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1
