@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from batchcxr.domain import FileKind
 from batchcxr.ingest.files import sniff
+from batchcxr.normalize.headers import jpeg_complete
 from batchcxr.settings import QualitySettings
 
 TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart")
@@ -27,7 +28,7 @@ def is_complete(data: bytes, quality: QualitySettings | None = None) -> bool:
     """
     kind = sniff(data)
     if kind == FileKind.JPEG:
-        return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+        return jpeg_complete(data)
     if kind == FileKind.PNG:
         return data.endswith(b"IEND\xaeB`\x82")
     if kind != FileKind.DICOM:

@@ -27,6 +27,7 @@ from pydicom.uid import (
 )
 
 from batchcxr.normalize.contract import Cover, block_shrink, decode_image_bytes, reduction_factor
+from batchcxr.normalize.headers import jpeg_complete
 from batchcxr.normalize.j2k import decode_reduced
 from batchcxr.normalize.window import (
     apply_window,
@@ -122,7 +123,7 @@ def decode_pixels(ds: Dataset, keep_short: int, keep_long: int) -> np.ndarray:
     if tsuid in (JPEGBaseline8Bit, JPEGExtended12Bit) and int(ds.get("BitsAllocated", 0)) == 8 and single_gray:
         factor = reduction_factor(int(ds.Rows), int(ds.Columns), keep_short, keep_long)
         frame = first_frame(ds)
-        if frame.startswith(b"\xff\xd8") and not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        if frame.startswith(b"\xff\xd8") and not jpeg_complete(frame):
             # libjpeg (OpenCV's and pydicom's alike) would show the missing part as flat grey
             raise ValueError("truncated JPEG frame (no end marker)")
         try:

@@ -40,6 +40,12 @@ class FrameHeader:
         return self.pixels * self.samples * ((self.bits + 7) // 8)
 
 
+def jpeg_complete(data: bytes) -> bool:
+    """True when a JPEG stream ends with its EOI marker (trailing NUL padding allowed: a DICOM
+    fragment is padded to even length); a stream cut short lacks it."""
+    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
 def png_header(data: bytes) -> FrameHeader | None:
     """From the IHDR chunk, which the PNG format requires to come first; None if absent."""
     if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":

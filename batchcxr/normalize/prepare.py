@@ -38,7 +38,15 @@ from batchcxr.normalize.contract import (
     to_model_input,
 )
 from batchcxr.normalize.dicom import dataset_to_gray, decode_pixels, first_frame, native_frame, shrink_stored
-from batchcxr.normalize.headers import FrameHeader, InflateLimit, frame_header, inflate_capped, jpeg_header, png_header
+from batchcxr.normalize.headers import (
+    FrameHeader,
+    InflateLimit,
+    frame_header,
+    inflate_capped,
+    jpeg_complete,
+    jpeg_header,
+    png_header,
+)
 from batchcxr.normalize.window import colourfulness
 from batchcxr.settings import SECONDARY_CAPTURE_SOP_CLASSES, QualitySettings
 
@@ -289,7 +297,7 @@ def prepare_dicom(source: SourceFile, data: bytes, q: QualitySettings, folder_ke
 
 def _image_complete(kind: FileKind, data: bytes) -> bool:
     if kind == FileKind.JPEG:
-        return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+        return jpeg_complete(data)
     return b"IEND" in data[-16:]
 
 
