@@ -83,6 +83,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
               help="Probability of giving each image what lies outside its lung fields from another (needs --lungs).")
 @click.option("--aspect", type=float, default=0.0, show_default=True,
               help="Random horizontal-only zoom: aspect-ratio jitter against the squash shortcut.")
+@click.option("--lung-guidance", type=float, default=0.0, show_default=True,
+              help="Weight of a loss term charging evidence outside the lung fields (needs --lungs).")
 @click.option("--equalize/--no-equalize", default=False, show_default=True,
               help="Histogram-equalize inputs (part of the model's preprocessing contract).")
 @click.option("--fine-tune-from", default="block_13_expand", show_default=True,
@@ -105,7 +107,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
           flip: bool, rotation: float, translation: float, contrast: float, brightness: float,
-          corners: float, centre: float, outside: float, aspect: float, equalize: bool, fine_tune_from: str,
+          corners: float, centre: float, outside: float, aspect: float, lung_guidance: float, equalize: bool,
+          fine_tune_from: str,
           head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, split_rule: str, label_smoothing: float, lung_contract: str,
           lung_model: Path | None, cnn_head: str, tflite_path: Path) -> None:
@@ -121,6 +124,8 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         return
     if outside > 0 and lung_contract == "none":
         raise click.UsageError("--outside needs a lung contract (--lungs): it swaps what lies outside the lung fields")
+    if lung_guidance > 0 and lung_contract == "none":
+        raise click.UsageError("--lung-guidance needs a lung contract (--lungs): it charges evidence outside the lungs")
     from batchcxr.training.architectures import AugmentConfig
     from batchcxr.training.train import TrainConfig, train as run_train
 
@@ -150,6 +155,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         lungs=lung_contract,
         lung_model=lung_model,
         cnn_head=cnn_head,
+        lung_guidance=lung_guidance,
     )
     result = run_train(cfg)
     click.echo(

@@ -77,3 +77,11 @@ def test_train_refuses_outside_swap_without_a_lung_contract(tmp_path):
                cwd=tmp_path)
     assert out.returncode == 2 and "--outside needs a lung contract" in out.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_train_refuses_lung_guidance_without_a_lung_contract(tmp_path):
+    """--lung-guidance charges evidence outside the lung fields: refused (exit 2) without --lungs."""
+    out = _run("train", "--model", "cnn", "--data", str(tmp_path), "--out", str(tmp_path / "m"),
+               "--lung-guidance", "1", cwd=tmp_path)
+    assert out.returncode == 2 and "--lung-guidance needs a lung contract" in out.stderr
+    assert not (tmp_path / "m").exists()

@@ -156,3 +156,72 @@ def test_lungs_in_input_is_the_dilated_lung_fields_in_the_frame_the_classifier_s
     assert 0.15 < whole.mean() < 0.5 < crop.mean() < 0.9
     assert crop[:, 112].sum() == 0 and crop[112, 30] == 1  # the gap between the lungs stays outside
     assert lungs_in_input(np.zeros_like(p), "crop", 224).all()
+
+
+def test_outside_share_is_the_part_of_positive_evidence_outside_the_lungs():
+    """Evidence (activation x gradient, summed over channels, negative cells dropped) all inside
+    the mask gives 0, all outside nearly 1 (the floor adds a tenth of the batch's mean evidence to
+    each denominator), half and half one half of that; an image with no positive evidence 0."""
+    from batchcxr.training.guidance import outside_share
+
+    lungs = np.zeros((4, 4, 4), np.float32)
+    lungs[:, :, :2] = 1  # the left half is lung
+    features = np.ones((4, 4, 4, 2), np.float32)
+    gradients = np.zeros((4, 4, 4, 2), np.float32)
+    gradients[0, :, :2] = 1  # inside only
+    gradients[1, :, 2:] = 1  # outside only
+    gradients[2] = 1  # everywhere
+    gradients[3] = -1  # evidence against: none for pneumonia
+    share = np.asarray(outside_share(features, gradients, lungs))
+    mean_total = (16 + 16 + 32 + 0) / 4
+    np.testing.assert_allclose(share, [0, 16 / (16 + 0.1 * mean_total), 16 / (32 + 0.1 * mean_total), 0], atol=1e-5)
+
+
+def test_lung_guided_batches_move_each_mask_with_its_image():
+    """With --lung-guidance the geometric augmentation (band swap, corners, rotation, zoom, shear,
+    flip...) moves each lung mask exactly as its image, and contrast and brightness leave the
+    mask alone. Images that are 255 x their own mask stay equal to it after augmentation."""
+    from batchcxr.training.architectures import AugmentConfig
+    from batchcxr.training.train import _dataset
+
+    rng = np.random.default_rng(0)
+    lungs = np.zeros((16, 224, 224), np.uint8)
+    for i in range(16):  # each its own off-centre field, so a flip or shift shows
+        top, left = rng.integers(10, 60, 2)
+        lungs[i, top:top + 120, left:left + 60 + 4 * i] = 1
+    x = (lungs * 255)[..., None]
+    y = np.arange(16) % 2
+    geometric = AugmentConfig(rotation=0.05, translation=0.1, zoom=0.2, shear=0.1, corners=0.5, centre=0.75)
+    for (images, masks), _ in _dataset(x, y, 8, 3, geometric, lungs, guided=True):
+        images, masks = images.numpy(), masks.numpy()
+        assert masks.shape == images.shape and not (masks == x[:8] / 255).all()  # something moved
+        np.testing.assert_allclose(images / 255, masks, atol=1e-4)
+    photometric = AugmentConfig(zoom=0.0, shear=0.0, horizontal_flip=False, contrast=0.5, brightness=0.5)
+    for (images, masks), _ in _dataset(x, y, 8, 3, photometric, lungs, guided=True):
+        assert set(np.unique(masks.numpy())) <= {0.0, 1.0}
+        assert not np.allclose(images.numpy() / 255, masks.numpy())  # the image's exposure did change
+
+
+def test_lung_guidance_moves_evidence_into_the_lungs():
+    """A few steps of the guided loss on one batch lower its share of evidence outside the lung
+    masks; the same steps without the term (weight 0) do not lower it as much."""
+    import keras
+
+    from batchcxr.training.architectures import build_cnn
+    from batchcxr.training.guidance import lung_guided
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 255, (16, 224, 224, 1)).astype(np.float32)
+    lungs = np.zeros((16, 224, 224, 1), np.float32)
+    lungs[:, 40:200, 20:100] = lungs[:, 40:200, 124:204] = 1
+    y = (np.arange(16) % 2).astype(np.float32)
+    after = {}
+    for weight in (0.0, 5.0):
+        keras.utils.set_random_seed(7)
+        guided = lung_guided(build_cnn(), "cnn", weight)
+        guided.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+        before = guided.outside_shares(x, lungs).mean()
+        guided.fit((x, lungs), y, batch_size=16, epochs=8, verbose=0)
+        after[weight] = guided.outside_shares(x, lungs).mean()
+        assert 0.2 < before < 0.8
+    assert after[5.0] < 0.5 * before and after[5.0] < after[0.0] - 0.1

@@ -135,7 +135,25 @@ def outside_swapper(probability: float, seed: int):
     return _training_only("outside_swap", seed, swap)
 
 
-def build_augmenter(cfg: AugmentConfig, seed: int):
+def build_augmenter(cfg: AugmentConfig, seed: int, part: str = "all"):
+    """The training augmentation as one Keras layer: ``part`` "geometry" (band swap, corner
+    blanking, rotation, translation, zoom, aspect, shear, flip: the same transform for every
+    channel of an image, so a lung mask stacked as a second channel moves with it), "photometric"
+    (contrast, brightness: the image alone) or "all" (geometry, then photometric)."""
+    import keras
+
+    steps = []
+    if part in ("all", "geometry"):
+        steps += _geometry_steps(cfg, seed)
+    if part in ("all", "photometric"):
+        if cfg.contrast > 0:
+            steps.append(keras.layers.RandomContrast(cfg.contrast, value_range=(0, 255), seed=seed))
+        if cfg.brightness > 0:
+            steps.append(keras.layers.RandomBrightness(cfg.brightness, value_range=(0, 255), seed=seed))
+    return keras.Sequential(steps or [keras.layers.Identity()], name="augment" if part == "all" else f"augment_{part}")
+
+
+def _geometry_steps(cfg: AugmentConfig, seed: int) -> list:
     import keras
 
     steps = []
@@ -155,11 +173,7 @@ def build_augmenter(cfg: AugmentConfig, seed: int):
         steps.append(keras.layers.RandomShear(cfg.shear, cfg.shear, fill_mode="constant", seed=seed))
     if cfg.horizontal_flip:
         steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if cfg.contrast > 0:
-        steps.append(keras.layers.RandomContrast(cfg.contrast, value_range=(0, 255), seed=seed))
-    if cfg.brightness > 0:
-        steps.append(keras.layers.RandomBrightness(cfg.brightness, value_range=(0, 255), seed=seed))
-    return keras.Sequential(steps, name="augment")
+    return steps
 
 
 CNN_HEADS = ("flatten", "gap")

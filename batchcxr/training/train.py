@@ -40,6 +40,7 @@ from batchcxr.training.data import (
     load_images,
     patient_split,
 )
+from batchcxr.training.guidance import lung_guided
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class TrainConfig:
     """The lung segmenter folder (models/lungs) when ``lungs`` is not none."""
     cnn_head: str = "flatten"
     """CNN: Flatten (the reference's) or global average pooling before its Dense layer (CNN_HEADS)."""
+    lung_guidance: float = 0.0
+    """Weight of the loss term that charges evidence outside the lung fields (training.guidance;
+    0: none). Needs a lung contract."""
 
 
 @dataclass
@@ -103,26 +107,45 @@ def _class_weight(y: np.ndarray) -> dict[int, float]:
     return {k: float(n / (2 * max(c, 1))) for k, c in enumerate(counts)}
 
 
-def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augmenter=None, lungs: np.ndarray | None = None,
-             outside=None):
-    """Batches of (float32 image, label); with ``augmenter``, shuffled and augmented, and with
-    ``outside`` (architectures.outside_swapper) and ``lungs`` (each image's lung mask), the
-    outside of the lungs swapped first, while masks and images still line up."""
+def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augment: AugmentConfig | None = None,
+             lungs: np.ndarray | None = None, outside=None, guided: bool = False):
+    """Batches of (float32 image, label); with ``augment``, shuffled and augmented. With
+    ``lungs`` (each image's lung mask) and ``outside`` (architectures.outside_swapper), the
+    outside of the lungs is swapped first, while masks and images still line up; with
+    ``guided``, batches of ((image, lung mask), label) for guidance.lung_guided, the mask moved
+    by the same geometric augmentation as its image (stacked as a second channel)."""
     import tensorflow as tf
 
-    if outside is not None:
-        ds = tf.data.Dataset.from_tensor_slices((x, lungs, y))
-    else:
+    geometry = photometric = None
+    if augment is not None:
+        geometry, photometric = build_augmenter(augment, seed, "geometry"), build_augmenter(augment, seed, "photometric")
+    if lungs is None:
         ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if augmenter is not None:
+        if augment is not None:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch).map(lambda a, b: (tf.cast(a, tf.float32), b))
+        if augment is not None:
+            ds = ds.map(lambda a, b: (photometric(geometry(a, training=True), training=True), b),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def swapped(a, m, b):
+        a, m = tf.cast(a, tf.float32), tf.cast(m[..., None], tf.float32)
+        return (outside((a, m), training=True) if outside is not None else a), m, b
+
+    def moved(a, m, b):
+        if not guided:
+            return photometric(geometry(a, training=True), training=True), m, b
+        both = geometry(tf.concat([a, m], axis=-1), training=True)
+        return photometric(both[..., :1], training=True), both[..., 1:], b
+
+    ds = tf.data.Dataset.from_tensor_slices((x, lungs, y))
+    if augment is not None:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch)
-    if outside is not None:
-        ds = ds.map(lambda a, m, b: (outside((tf.cast(a, tf.float32), m[..., None]), training=True), b))
-    else:
-        ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b))
-    if augmenter is not None:
-        ds = ds.map(lambda a, b: (augmenter(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch).map(swapped)
+    if augment is not None:
+        ds = ds.map(moved, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda a, m, b: ((a, m), b) if guided else (a, b))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -151,10 +174,12 @@ def _compile(model, lr: float, label_smoothing: float = 0.0) -> None:
 
 def _fit(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va, epochs: int, lr: float,
          lungs_tr: np.ndarray | None = None) -> int:
-    _compile(model, lr, cfg.label_smoothing)
+    guided = cfg.lung_guidance > 0
+    trainer = lung_guided(model, cfg.model, cfg.lung_guidance) if guided else model
+    _compile(trainer, lr, cfg.label_smoothing)
     outside = outside_swapper(cfg.augment.outside, cfg.seed) if cfg.augment.outside > 0 else None
-    history = model.fit(
-        _dataset(x_tr, y_tr, cfg.batch_size, cfg.seed, build_augmenter(cfg.augment, cfg.seed), lungs_tr, outside),
+    history = trainer.fit(
+        _dataset(x_tr, y_tr, cfg.batch_size, cfg.seed, cfg.augment, lungs_tr, outside, guided),
         validation_data=_dataset(x_va, y_va, cfg.batch_size, cfg.seed),
         epochs=epochs,
         class_weight=_class_weight(y_tr),
@@ -265,6 +290,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     if cfg.augment.outside > 0 and cfg.lungs == "none":
         raise ValueError("--outside needs a lung contract (--lungs): it swaps what lies outside the lung fields")
+    if cfg.lung_guidance > 0 and cfg.lungs == "none":
+        raise ValueError("--lung-guidance needs a lung contract (--lungs): it charges evidence outside the lung fields")
     start = time.monotonic()
     keras.utils.set_random_seed(cfg.seed)
     items = list_split(cfg.data_dir)
@@ -284,7 +311,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         x_tr, _, probs_tr = lung.transform(x_tr, cfg.lungs)
         x_va = lung.transform(x_va, cfg.lungs)[0]
         log.info("inputs under the lung contract %r (%s)", cfg.lungs, lung.version)
-        if cfg.augment.outside > 0:
+        if cfg.augment.outside > 0 or cfg.lung_guidance > 0:
             lungs_tr = np.stack([lungs_in_input(p, cfg.lungs, x_tr.shape[1]) for p in probs_tr])
     if cfg.equalize:
         x_tr = finish_batch(x_tr, True).astype(np.uint8)
@@ -321,6 +348,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     hyper["optimizer"] = "Adam"
     hyper["loss"] = "binary_crossentropy, class-weighted (n / (2 n_class))" + (
         f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""
+    ) + (
+        f" + {cfg.lung_guidance} x share of positive evidence (activation x gradient at the Grad-CAM layer) "
+        "outside the slightly dilated lung fields" if cfg.lung_guidance else ""
     )
     hyper["epochs_run"] = epochs_run
     card = {
