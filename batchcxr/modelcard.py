@@ -103,6 +103,13 @@ def evidence_lines(m: dict[str, Any] | None) -> list[str]:
                              f"{c['peak_in_top_left_sixteenth']:.1%}, peaks "
                              + ", ".join(f"{k} {v}" for k, v in sorted(c["peak_regions"].items()))
                              + f"; no evidence {c.get('no_evidence', 0)}")
+    o = m.get("occlusion")
+    if o:
+        lines.append(f"- occlusion ({o['filled_with']}; ROC AUC as is {o['as_is']['roc_auc']:.4f}): only the lungs "
+                     f"left: AUC {o['lungs_only']['roc_auc']:.4f}, mean |logit change| "
+                     f"{o['lungs_only']['mean_abs_logit_change']:.2f}; only what lies outside them left: AUC "
+                     f"{o['outside_only']['roc_auc']:.4f}, mean |logit change| "
+                     f"{o['outside_only']['mean_abs_logit_change']:.2f}")
     q = m.get("quality_gate")
     if q:
         lines.append(f"- quality gate: {q['refused']} of {q['of']} refused as not frontal chest radiographs")

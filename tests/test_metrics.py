@@ -138,3 +138,34 @@ def test_gradcam_metrics_with_no_evidence_at_all():
     assert g["n"] == 0 and g["no_evidence"] == 1 and g["mass_in_lungs_mean"] is None
     assert g["by_class"]["NORMAL"]["mass_in_lungs_mean"] is None
     assert evidence_lines({"gradcam": g}) == ["- Grad-CAM: no map with evidence anywhere (1 maps)", ""]
+
+
+def test_occluded_fills_one_part_with_the_inputs_own_mean_grey():
+    from batchcxr.evaluation.explain import occluded
+
+    x = np.zeros((2, 4, 4, 1), np.uint8)
+    x[0, :, :2] = 200  # image 0: bright left half, mean 100
+    x[1] = 30
+    lungs = np.zeros((2, 4, 4), np.uint8)
+    lungs[:, 1:3, :2] = 1
+    only_lungs = occluded(x, lungs, "lungs_only")
+    assert (only_lungs[0][lungs[0] == 1] == 200).all() and (only_lungs[0][lungs[0] == 0] == 100).all()
+    only_outside = occluded(x, lungs, "outside_only")
+    assert (only_outside[0][lungs[0] == 1] == 100).all() and (only_outside[0][lungs[0] == 0] == x[0][lungs[0] == 0]).all()
+    assert (occluded(x, lungs, "lungs_only")[1] == 30).all()  # a flat image stays as it was
+    assert x[0, 0, 0, 0] == 200  # the inputs are not changed in place
+
+
+def test_occlusion_metrics_tell_a_lung_reader_from_a_shortcut():
+    """The probabilities of a model that reads the lungs survive filling the outside and not
+    filling the lungs; the printed line names both AUCs."""
+    from batchcxr.evaluation.explain import occlusion_metrics
+    from batchcxr.modelcard import evidence_lines
+
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.8, 0.9])
+    m = occlusion_metrics(y, p, {"lungs_only": p, "outside_only": np.array([0.5, 0.6, 0.5, 0.4])})
+    assert m["lungs_only"] == {"roc_auc": 1.0, "mean_abs_logit_change": 0.0}
+    assert m["outside_only"]["roc_auc"] == 0.125 and m["outside_only"]["mean_abs_logit_change"] > 1
+    line = next(x for x in evidence_lines({"occlusion": m}) if x.startswith("- occlusion"))
+    assert "only the lungs left: AUC 1.0000" in line and "outside them left: AUC 0.1250" in line

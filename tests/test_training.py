@@ -55,6 +55,9 @@ def test_shipped_model_reproduces_its_card_on_test(tmp_path, shared_data, name):
     want = expected["confusion_matrix"]["rows_true_cols_predicted"]
     assert all(abs(g - w) <= 1 for gr, wr in zip(got, want) for g, w in zip(gr, wr)), (got, want)
     assert "accuracy  " in result.output and "ROC AUC   " in result.output
+    occlusion = measured["occlusion"]  # the same images with only their lungs, or only the rest, left
+    assert occlusion["as_is"]["roc_auc"] == measured["roc_auc"]
+    assert {"lungs_only", "outside_only"} <= occlusion.keys() and "- occlusion" in result.output
     assert (tmp_path / "roc.png").stat().st_size > 1000
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
 

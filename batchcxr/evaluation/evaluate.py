@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from batchcxr.evaluation.explain import gradcam_lung_metrics
+from batchcxr.evaluation.explain import OCCLUSIONS, gradcam_lung_metrics, occluded, occlusion_metrics
 from batchcxr.evaluation.metrics import (
     CLASS_NAMES,
     binary_metrics,
@@ -26,25 +26,35 @@ from batchcxr.evaluation.metrics import (
     roc_curve,
 )
 from batchcxr.modelcard import evidence_lines, read_card, write_card
-from batchcxr.normalize.lungfield import check_lungs
+from batchcxr.normalize.lungfield import check_lungs, lungs_in_input
 from batchcxr.paths import MODELS_DIR
 from batchcxr.training.data import file_list_sha256, list_split, load_images
 
 log = logging.getLogger(__name__)
 
 
-def run_model(model, items, lung_dir: Path = MODELS_DIR / "lungs", batch_size: int = 32):
+def run_model(model, items, lung_dir: Path = MODELS_DIR / "lungs", batch_size: int = 32, occlusions: bool = False):
     """A scoring model's outputs on labelled images as scoring makes them (lung contract, then
-    equalization inside ``run``): outputs, lung boxes, segmenter maps, labels."""
+    equalization inside ``run``): outputs, lung boxes, segmenter maps, labels; with
+    ``occlusions``, also each OCCLUSIONS copy's raw probabilities (explain.occluded)."""
     from batchcxr.infer.lungs import load_lung_model
 
     x, y = load_images(items)
     lung = load_lung_model(lung_dir, threads=2)
     x_in, boxes, lung_probs = lung.transform(x, model.lungs)
-    outputs = []
-    for i in range(0, len(x_in), batch_size):
-        outputs += model.run(x_in[i : i + batch_size], boxes[i : i + batch_size])
-    return outputs, boxes, lung_probs, y
+
+    def run(inputs):
+        out = []
+        for i in range(0, len(inputs), batch_size):
+            out += model.run(inputs[i : i + batch_size], boxes[i : i + batch_size])
+        return out
+
+    outputs = run(x_in)
+    if not occlusions:
+        return outputs, boxes, lung_probs, y
+    lungs = np.stack([lungs_in_input(p, model.lungs, x_in.shape[1]) for p in lung_probs])
+    hidden = {keep: np.array([o.probability for o in run(occluded(x_in, lungs, keep))]) for keep in OCCLUSIONS}
+    return outputs, boxes, lung_probs, y, hidden
 
 
 def evaluate(model_dir: Path, data_dir: Path, batch_size: int = 32, *, validation: bool = False,
@@ -58,7 +68,7 @@ def evaluate(model_dir: Path, data_dir: Path, batch_size: int = 32, *, validatio
     card = read_card(model_dir)
     model = load_scoring_model(model_dir, threads=2)
     items = validation_split(card, Path(data_dir)) if validation else list_split(data_dir)
-    outputs, boxes, lung_probs, y = run_model(model, items, lung_dir, batch_size)
+    outputs, boxes, lung_probs, y, hidden = run_model(model, items, lung_dir, batch_size, occlusions=True)
     raw = np.array([o.probability for o in outputs])
     metrics = binary_metrics(y, raw, model.threshold)
     metrics["model"] = model.name
@@ -75,6 +85,7 @@ def evaluate(model_dir: Path, data_dir: Path, batch_size: int = 32, *, validatio
                                                 "a": model.calibration[0], "b": model.calibration[1]}
     metrics["calibration"]["reliability"] = reliability(y, scores)
     metrics["gradcam"] = gradcam_lung_metrics([o.heatmap for o in outputs], boxes, lung_probs, y)
+    metrics["occlusion"] = occlusion_metrics(y, raw, hidden)
     refused = [r for r in (check_lungs(p)[1].reason() for p in lung_probs) if r]
     metrics["quality_gate"] = {"refused": len(refused), "of": len(y), "reasons": sorted(set(refused))[:5]}
     return metrics, y, scores

@@ -20,7 +20,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from batchcxr.normalize.lungfield import LungBox, cam_in_frame, clean_mask, dilate, mass_inside, peak_region
+from batchcxr.evaluation.metrics import roc_auc
+from batchcxr.normalize.lungfield import (
+    LungBox,
+    cam_in_frame,
+    clean_mask,
+    dilate,
+    mass_inside,
+    peak_region,
+)
 
 
 def lung_masks_224(probability: np.ndarray, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
@@ -84,4 +92,35 @@ def gradcam_lung_metrics(cams: list[np.ndarray], boxes: list[LungBox], lung_prob
             "peak_in_top_left_sixteenth": round(float(np.mean([t for t, s in zip(top_left, sel) if s])), 4)
             if sel.any() else None,
         }
+    return out
+
+
+OCCLUSIONS = {"lungs_only": "everything outside the lung fields filled", "outside_only": "the lung fields filled"}
+"""The two occluded copies of each input ``evaluate`` scores, by the part of the image left."""
+
+
+def occluded(x: np.ndarray, lungs: np.ndarray, keep: str) -> np.ndarray:
+    """Copies of uint8 inputs (n, h, w, 1) with one part replaced by each input's own mean grey:
+    ``keep`` "lungs_only" fills everything where the 0/1 ``lungs`` masks (n, h, w) are 0,
+    "outside_only" fills the lung fields."""
+    fill = np.rint(x.mean(axis=(1, 2, 3), keepdims=True)).astype(x.dtype)
+    inside = lungs[..., None].astype(bool)
+    hide = ~inside if keep == "lungs_only" else inside
+    return np.where(hide, fill, x)
+
+
+def occlusion_metrics(y: np.ndarray, probability: np.ndarray, occluded_probability: dict[str, np.ndarray]) -> dict:
+    """Where the evidence is, measured without Grad-CAM: ROC AUC on the inputs with only their
+    lungs left and with only what lies outside them left, and how far each moves the logit. A
+    model that reads the lungs keeps its AUC on the first and loses it on the second."""
+    def logit(p):
+        p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+        return np.log(p / (1 - p))
+
+    out: dict[str, Any] = {"filled_with": "each input's mean grey",
+                           "lungs": "the segmenter's slightly dilated lung fields in the input's frame",
+                           "as_is": {"roc_auc": round(roc_auc(y, probability), 4)}}
+    for keep, p in occluded_probability.items():
+        out[keep] = {"roc_auc": round(roc_auc(y, p), 4),
+                     "mean_abs_logit_change": round(float(np.abs(logit(p) - logit(probability)).mean()), 3)}
     return out
