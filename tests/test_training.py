@@ -158,6 +158,8 @@ def test_lungs_in_input_is_the_dilated_lung_fields_in_the_frame_the_classifier_s
     assert crop.shape == whole.shape == (224, 224) and crop.dtype == np.uint8
     assert 0.15 < whole.mean() < 0.5 < crop.mean() < 0.9
     assert crop[:, 112].sum() == 0 and crop[112, 30] == 1  # the gap between the lungs stays outside
+    segmented = lungs_in_input(p, "crop", 224, dilated=False)  # same box, the fields as drawn
+    assert (segmented <= crop).all() and 0.5 * crop.sum() < segmented.sum() < 0.95 * crop.sum()
     assert lungs_in_input(np.zeros_like(p), "crop", 224).all()
 
 
@@ -205,7 +207,8 @@ def test_lung_guided_batches_move_each_mask_with_its_image():
         assert not np.allclose(images.numpy() / 255, masks.numpy())  # the image's exposure did change
 
 
-def test_lung_guidance_moves_evidence_into_the_lungs():
+@pytest.mark.parametrize("maps", ["evidence", "evidence+gradcam"])
+def test_lung_guidance_moves_evidence_into_the_lungs(maps):
     """A few steps of the guided loss on one batch lower its share of evidence outside the lung
     masks; the same steps without the term (weight 0) do not lower it as much."""
     import keras
@@ -221,7 +224,7 @@ def test_lung_guidance_moves_evidence_into_the_lungs():
     after = {}
     for weight in (0.0, 5.0):
         keras.utils.set_random_seed(7)
-        guided = lung_guided(build_cnn(), "cnn", weight)
+        guided = lung_guided(build_cnn(), "cnn", weight, maps)
         guided.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
         before = guided.outside_shares(x, lungs).mean()
         guided.fit((x, lungs), y, batch_size=16, epochs=8, verbose=0)

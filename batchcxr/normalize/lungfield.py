@@ -229,15 +229,18 @@ def _lungs_in_box(lungs: np.ndarray, box: LungBox, size: int) -> np.ndarray:
     return (cv2.resize(part, (size, size), interpolation=cv2.INTER_LINEAR) >= 0.5).astype(np.uint8)
 
 
-def lungs_in_input(probability: np.ndarray, mode: str, size: int) -> np.ndarray:
-    """The slightly dilated lung fields in the frame of the input a classifier takes under lung
-    contract ``mode`` (apply_lungs): a (size, size) uint8 0/1 mask, all ones when no lungs are
-    found. Training uses it to tell the lungs from the rest of each input (``--outside``)."""
-    lungs = dilate(clean_mask(probability))
+def lungs_in_input(probability: np.ndarray, mode: str, size: int, dilated: bool = True) -> np.ndarray:
+    """The slightly dilated lung fields (``dilated`` False: the fields as segmented) in the frame
+    of the input a classifier takes under lung contract ``mode`` (apply_lungs; its box is the
+    dilated fields' either way): a (size, size) uint8 0/1 mask, all ones when no lungs are found.
+    Training uses it to tell the lungs from the rest of each input (``--outside``,
+    ``--lung-guidance``)."""
+    found = clean_mask(probability)
+    lungs = dilate(found)
     if not lungs.any():
         return np.ones((size, size), np.uint8)
     box = crop_box(lungs) if "crop" in mode else FULL_BOX
-    return _lungs_in_box(lungs, box, size)
+    return _lungs_in_box(lungs if dilated else found, box, size)
 
 
 def cam_in_frame(cam: np.ndarray, box: LungBox, size: int) -> np.ndarray:

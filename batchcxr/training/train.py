@@ -90,6 +90,13 @@ class TrainConfig:
     lung_guidance: float = 0.0
     """Weight of the loss term that charges evidence outside the lung fields (training.guidance;
     0: none). Needs a lung contract."""
+    lung_fields: str = "dilated"
+    """The lung fields --outside and --lung-guidance use: "dilated" (slightly, as evaluate's
+    Grad-CAM mass) or "segmented" (as the segmenter drew them: the mediastinum between two small
+    lungs is then outside)."""
+    lung_guidance_maps: str = "evidence"
+    """What that term charges: "evidence" (activation x gradient) or "evidence+gradcam" (also the
+    Grad-CAM map; guidance.GUIDANCE_MAPS)."""
 
 
 @dataclass
@@ -175,7 +182,7 @@ def _compile(model, lr: float, label_smoothing: float = 0.0) -> None:
 def _fit(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va, epochs: int, lr: float,
          lungs_tr: np.ndarray | None = None) -> int:
     guided = cfg.lung_guidance > 0
-    trainer = lung_guided(model, cfg.model, cfg.lung_guidance) if guided else model
+    trainer = lung_guided(model, cfg.model, cfg.lung_guidance, cfg.lung_guidance_maps) if guided else model
     _compile(trainer, lr, cfg.label_smoothing)
     outside = outside_swapper(cfg.augment.outside, cfg.seed) if cfg.augment.outside > 0 else None
     history = trainer.fit(
@@ -312,7 +319,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         x_va = lung.transform(x_va, cfg.lungs)[0]
         log.info("inputs under the lung contract %r (%s)", cfg.lungs, lung.version)
         if cfg.augment.outside > 0 or cfg.lung_guidance > 0:
-            lungs_tr = np.stack([lungs_in_input(p, cfg.lungs, x_tr.shape[1]) for p in probs_tr])
+            dilated = {"dilated": True, "segmented": False}[cfg.lung_fields]
+            lungs_tr = np.stack([lungs_in_input(p, cfg.lungs, x_tr.shape[1], dilated) for p in probs_tr])
     if cfg.equalize:
         x_tr = finish_batch(x_tr, True).astype(np.uint8)
         x_va = finish_batch(x_va, True).astype(np.uint8)
@@ -349,8 +357,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     hyper["loss"] = "binary_crossentropy, class-weighted (n / (2 n_class))" + (
         f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""
     ) + (
-        f" + {cfg.lung_guidance} x share of positive evidence (activation x gradient at the Grad-CAM layer) "
-        "outside the slightly dilated lung fields" if cfg.lung_guidance else ""
+        f" + {cfg.lung_guidance} x share of positive evidence (activation x gradient at the Grad-CAM layer"
+        + (", averaged with the same share of the Grad-CAM map" if cfg.lung_guidance_maps == "evidence+gradcam" else "")
+        + ") outside the slightly dilated lung fields" if cfg.lung_guidance else ""
     )
     hyper["epochs_run"] = epochs_run
     card = {
