@@ -87,8 +87,6 @@ def main(ctx: click.Context, verbose: bool) -> None:
               help="Weight of a loss term charging evidence outside the lung fields (needs --lungs).")
 @click.option("--lung-fields", type=click.Choice(["dilated", "segmented"]), default="dilated", show_default=True,
               help="The lung fields --outside and --lung-guidance use: slightly dilated, or as segmented.")
-@click.option("--lung-guidance-maps", type=click.Choice(["evidence", "evidence+gradcam"]), default="evidence",
-              show_default=True, help="What --lung-guidance charges: activation x gradient, or that and Grad-CAM.")
 @click.option("--equalize/--no-equalize", default=False, show_default=True,
               help="Histogram-equalize inputs (part of the model's preprocessing contract).")
 @click.option("--fine-tune-from", default="block_13_expand", show_default=True,
@@ -112,7 +110,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
           flip: bool, rotation: float, translation: float, contrast: float, brightness: float,
           corners: float, centre: float, outside: float, aspect: float, lung_guidance: float,
-          lung_fields: str, lung_guidance_maps: str, equalize: bool,
+          lung_fields: str, equalize: bool,
           fine_tune_from: str,
           head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, split_rule: str, label_smoothing: float, lung_contract: str,
@@ -162,7 +160,6 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         cnn_head=cnn_head,
         lung_guidance=lung_guidance,
         lung_fields=lung_fields,
-        lung_guidance_maps=lung_guidance_maps,
     )
     result = run_train(cfg)
     click.echo(

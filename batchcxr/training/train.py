@@ -94,9 +94,6 @@ class TrainConfig:
     """The lung fields --outside and --lung-guidance use: "dilated" (slightly, as evaluate's
     Grad-CAM mass) or "segmented" (as the segmenter drew them: the mediastinum between two small
     lungs is then outside)."""
-    lung_guidance_maps: str = "evidence"
-    """What that term charges: "evidence" (activation x gradient) or "evidence+gradcam" (also the
-    Grad-CAM map; guidance.GUIDANCE_MAPS)."""
 
 
 @dataclass
@@ -182,7 +179,7 @@ def _compile(model, lr: float, label_smoothing: float = 0.0) -> None:
 def _fit(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va, epochs: int, lr: float,
          lungs_tr: np.ndarray | None = None) -> int:
     guided = cfg.lung_guidance > 0
-    trainer = lung_guided(model, cfg.model, cfg.lung_guidance, cfg.lung_guidance_maps) if guided else model
+    trainer = lung_guided(model, cfg.model, cfg.lung_guidance) if guided else model
     _compile(trainer, lr, cfg.label_smoothing)
     outside = outside_swapper(cfg.augment.outside, cfg.seed) if cfg.augment.outside > 0 else None
     history = trainer.fit(
@@ -357,9 +354,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     hyper["loss"] = "binary_crossentropy, class-weighted (n / (2 n_class))" + (
         f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""
     ) + (
-        f" + {cfg.lung_guidance} x share of positive evidence (activation x gradient at the Grad-CAM layer"
-        + (", averaged with the same share of the Grad-CAM map" if cfg.lung_guidance_maps == "evidence+gradcam" else "")
-        + ") outside the slightly dilated lung fields" if cfg.lung_guidance else ""
+        f" + {cfg.lung_guidance} x share of positive evidence (activation x gradient at the Grad-CAM layer) "
+        f"outside the lung fields ({cfg.lung_fields})" if cfg.lung_guidance else ""
     )
     hyper["epochs_run"] = epochs_run
     card = {
