@@ -285,6 +285,17 @@ def with_ceiling(batch: list, seconds: float, run, runs: Path, settle_s: float) 
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Of repeated runs of one case, the one with the median share of the ceiling (the lower of
+    the middle two for an even count), with every run's share beside it (``share_of_ceiling_runs``,
+    in the order run): one run on this VM can be 10-17 % off its neighbours."""
+    ordered = sorted(runs, key=lambda r: r["share_of_ceiling"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        chosen["share_of_ceiling_runs"] = [round(r["share_of_ceiling"], 4) for r in runs]
+    return chosen
+
+
 def populated_db(work: Path, studies: int) -> tuple[str, Path]:
     """A SQLite database already holding ``studies`` synthetic studies (benchmarks.archive), and a
     report folder brought up to date with it (the one-time catch-up an archive has had long ago)."""
@@ -339,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-n", type=int, default=40, help="images for the reference notebook's way")
     ap.add_argument("--ceiling-seconds", type=float, default=6.0, help="per packing, per measurement")
     ap.add_argument("--decode-workers", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each input kind's case (interleaved); the "
+                                                          "table shows the run with the median share of the ceiling")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "batchcxr-bench")
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "latest.json")
     ap.add_argument("--settle-seconds", type=float, default=180.0,
@@ -374,9 +387,13 @@ def _measure(args: argparse.Namespace, runs: Path) -> dict:
         return with_ceiling(batch, args.ceiling_seconds, run, runs, args.settle_seconds)
 
     result["e2e"] = {}
-    for kind in [k for k in args.kinds.split(",") if k]:
-        folder = build(kind, args.n, args.work)
-        result["e2e"][kind] = case(lambda: end_to_end(folder, workers, runs))
+    folders = {kind: build(kind, args.n, args.work) for kind in args.kinds.split(",") if kind}
+    done: dict[str, list[dict]] = {kind: [] for kind in folders}
+    for _ in range(args.repeat):  # kinds interleaved, so a slow spell of the VM falls on each alike
+        for kind, folder in folders.items():
+            done[kind].append(case(lambda: end_to_end(folder, workers, runs)))
+    for kind, kind_runs in done.items():
+        result["e2e"][kind] = median_run(kind_runs)
     jpeg = build("jpeg", args.n, args.work)
     if not args.no_cold:
         result["e2e"]["jpeg, cold cache"] = case(lambda: end_to_end(jpeg, workers, runs, cold=True))
@@ -390,6 +407,14 @@ def _measure(args: argparse.Namespace, runs: Path) -> dict:
         result["rss"][n] = end_to_end(build("jpeg", n, args.work), workers, runs)
     result["one_image_seconds"] = one_image_wall(args.work)
     return result
+
+
+def _share(e: dict) -> str:
+    """The share of the ceiling as the table shows it: with repeats, the median and every run's."""
+    text = f"{100 * e['share_of_ceiling']:.0f} %"
+    if "share_of_ceiling_runs" in e:
+        text += " (median of " + " / ".join(f"{100 * v:.0f}" for v in e["share_of_ceiling_runs"]) + ")"
+    return text
 
 
 def _cpu() -> str:
@@ -416,7 +441,7 @@ def format_table(r: dict) -> str:
     ]
     for case, e in r["e2e"].items():
         lines.append(f"| {case} | {e['images_per_s_from_start']:.1f} | {e['images_per_s']:.1f} "
-                     f"| {e['ceiling_before']:.1f} / {e['ceiling_after']:.1f} | {100 * e['share_of_ceiling']:.0f} % "
+                     f"| {e['ceiling_before']:.1f} / {e['ceiling_after']:.1f} | {_share(e)} "
                      f"| {e['cpu_ms_per_image']:.0f} | {e['peak_rss_total_mb']:.0f} "
                      f"| {e['images_per_s_from_start'] / ref:.1f} |")
     for n, e in r.get("rss", {}).items():
