@@ -110,9 +110,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
           flip: bool, rotation: float, translation: float, contrast: float, brightness: float,
           corners: float, centre: float, outside: float, aspect: float, lung_guidance: float,
-          lung_fields: str, equalize: bool,
-          fine_tune_from: str,
-          head_epochs: int, threshold_rule: str,
+          lung_fields: str, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, split_rule: str, label_smoothing: float, lung_contract: str,
           lung_model: Path | None, cnn_head: str, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""

@@ -2,7 +2,8 @@
 
 It runs what scoring runs - the ONNX scoring graph under ONNX Runtime, with the card's lung-field
 contract and calibration - and reports, besides accuracy and AUC, where the model looks (Grad-CAM
-mass inside the lung fields, where the peaks fall), how well its probabilities are calibrated
+mass inside the lung fields, where the peaks fall; the AUC with only the lungs, or only the rest, of
+each input left), how well its probabilities are calibrated
 (ECE, Brier score, a reliability plot) and how many images the quality gate would refuse.
 """
 

@@ -1,4 +1,5 @@
-"""Where a model looks: Grad-CAM mass inside the lung fields and where each map's peak falls.
+"""Where a model looks: Grad-CAM mass inside the lung fields and where each map's peak falls, and,
+without Grad-CAM, how its AUC holds with only the lungs or only the rest of each input left.
 
 Each map is placed back in the frame of the whole 224 px input (a cropped input's map covers
 only its box), then measured against the slightly dilated lung fields the segmenter finds on

@@ -6,17 +6,18 @@ the lungs with another image's) moved that evidence around without putting it in
 term asks for it directly, in the style of "right for the right reasons" (Ross, Hughes and
 Doshi-Velez, 2017): per training image, the share of its positive first-order evidence for
 pneumonia - activation times the gradient of the logit, at the Grad-CAM layer, summed over
-channels - that lies outside its slightly dilated lung fields. The loss becomes
+channels - that lies outside its lung fields (slightly dilated, or as segmented: ``--lung-fields``).
+The loss becomes
 
     binary cross-entropy (class-weighted) + weight * mean share outside
 
 Activation times gradient is what each cell adds to the logit to first order, so the term charges
 what the model uses, not only what Grad-CAM's channel averages show. (Charging the Grad-CAM map
 itself as well was tried at stop 28 and is not offered: the CNN met it by making its Grad-CAM maps
-empty, relu of a sum that is negative everywhere, for 785 of 786 validation images.) The lung masks come from the
-segmenter (``normalize.lungfield.lungs_in_input``) and move with each image through the geometric
-augmentation (``training.architectures.build_augmenter``: one transform for both). Scoring is
-unchanged: the term exists only in training.
+empty - relu of a sum negative everywhere - for 785 of 786 validation images.) The lung masks come
+from the segmenter (``normalize.lungfield.lungs_in_input``) and move with each image through the
+geometric augmentation (``training.architectures.build_augmenter``: one transform for both).
+Scoring is unchanged: the term exists only in training.
 """
 
 from __future__ import annotations

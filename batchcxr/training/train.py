@@ -45,6 +45,8 @@ from batchcxr.training.guidance import lung_guided
 log = logging.getLogger(__name__)
 
 ModelName = Literal["cnn", "mobilenetv2"]
+LUNG_FIELDS = ("dilated", "segmented")
+"""Which lung fields the lung-aware training options use (TrainConfig.lung_fields)."""
 DATA_SOURCE = (
     "Kermany, Zhang, Goldbaum: Chest X-Ray Images (Pneumonia), Mendeley Data v2 (2018), "
     "CC BY 4.0; Kaggle train split at 224 px"
@@ -296,6 +298,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError("--outside needs a lung contract (--lungs): it swaps what lies outside the lung fields")
     if cfg.lung_guidance > 0 and cfg.lungs == "none":
         raise ValueError("--lung-guidance needs a lung contract (--lungs): it charges evidence outside the lung fields")
+    if cfg.lung_fields not in LUNG_FIELDS:
+        raise ValueError(f"unknown lung fields {cfg.lung_fields!r} ({' or '.join(LUNG_FIELDS)})")
     start = time.monotonic()
     keras.utils.set_random_seed(cfg.seed)
     items = list_split(cfg.data_dir)
@@ -316,7 +320,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         x_va = lung.transform(x_va, cfg.lungs)[0]
         log.info("inputs under the lung contract %r (%s)", cfg.lungs, lung.version)
         if cfg.augment.outside > 0 or cfg.lung_guidance > 0:
-            dilated = {"dilated": True, "segmented": False}[cfg.lung_fields]
+            dilated = cfg.lung_fields == "dilated"
             lungs_tr = np.stack([lungs_in_input(p, cfg.lungs, x_tr.shape[1], dilated) for p in probs_tr])
     if cfg.equalize:
         x_tr = finish_batch(x_tr, True).astype(np.uint8)
