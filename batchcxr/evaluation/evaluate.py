@@ -16,7 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from batchcxr.evaluation.explain import OCCLUSIONS, gradcam_lung_metrics, occluded, occlusion_metrics
+from batchcxr.evaluation.explain import (
+    OCCLUSIONS,
+    gradcam_lung_metrics,
+    occluded,
+    occlusion_metrics,
+)
 from batchcxr.evaluation.metrics import (
     CLASS_NAMES,
     binary_metrics,
