@@ -230,3 +230,19 @@ def test_lung_guidance_moves_evidence_into_the_lungs():
         after[weight] = guided.outside_shares(x, lungs).mean()
         assert 0.2 < before < 0.8
     assert after[5.0] < 0.5 * before and after[5.0] < after[0.0] - 0.1
+
+
+def test_calibrate_reproduces_the_shipped_cnns_calibration(tmp_path, shared_data):
+    """`batchcxr calibrate` on a copy of the shipped CNN fits the card's Platt parameters again on
+    the validation split (so the card's calibration is what the command makes) and clears the
+    test metrics until the model is evaluated again."""
+    import shutil
+
+    copy = tmp_path / "cnn"
+    shutil.copytree(MODELS_DIR / "cnn", copy)
+    result = CliRunner().invoke(main, ["calibrate", "--model", str(copy), "--data", str(shared_data / "chest_xray_224")])
+    assert result.exit_code == 0, result.output
+    shipped, fitted = read_card(MODELS_DIR / "cnn")["calibration"], read_card(copy)["calibration"]
+    assert abs(fitted["a"] - shipped["a"]) < 1e-3 and abs(fitted["b"] - shipped["b"]) < 1e-3
+    assert fitted["validation_ece_after"] < fitted["validation_ece_before"]
+    assert read_card(copy)["test_metrics"] is None

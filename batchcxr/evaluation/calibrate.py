@@ -23,8 +23,8 @@ def calibrate_model(model_dir: Path, data_dir: Path, method: str = "platt") -> d
     card.pop("calibration", None)
     write_card(model_dir, card)  # score uncalibrated
     model = load_scoring_model(model_dir, threads=2)
-    outputs, _, _, y = run_model(model, validation_split(card, data_dir))
-    raw = np.array([o.probability for o in outputs])
+    done = run_model(model, validation_split(card, data_dir))
+    y, raw = done.y, np.array([o.probability for o in done.outputs])
     a, b = fit_platt(y, raw, temperature_only=method == "temperature")
     calibrated = apply(raw, a, b)
     card["calibration"] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,22 @@ from batchcxr.training.data import file_list_sha256, list_split, load_images
 log = logging.getLogger(__name__)
 
 
-def run_model(model, items, lung_dir: Path = MODELS_DIR / "lungs", batch_size: int = 32, occlusions: bool = False):
+@dataclass
+class ModelRun:
+    """A scoring model's outputs on labelled images (run_model)."""
+
+    outputs: list
+    boxes: list
+    lung_probs: np.ndarray
+    y: np.ndarray
+    occluded: dict[str, np.ndarray] = field(default_factory=dict)
+    """Raw probabilities of each OCCLUSIONS copy of the inputs (explain.occluded), when asked for."""
+
+
+def run_model(model, items, lung_dir: Path = MODELS_DIR / "lungs", batch_size: int = 32,
+              occlusions: bool = False) -> ModelRun:
     """A scoring model's outputs on labelled images as scoring makes them (lung contract, then
-    equalization inside ``run``): outputs, lung boxes, segmenter maps, labels; with
-    ``occlusions``, also each OCCLUSIONS copy's raw probabilities (explain.occluded)."""
+    equalization inside ``run``), with ``occlusions`` also on each OCCLUSIONS copy of the inputs."""
     from batchcxr.infer.lungs import load_lung_model
 
     x, y = load_images(items)
@@ -55,12 +68,12 @@ def run_model(model, items, lung_dir: Path = MODELS_DIR / "lungs", batch_size: i
             out += model.run(inputs[i : i + batch_size], boxes[i : i + batch_size])
         return out
 
-    outputs = run(x_in)
-    if not occlusions:
-        return outputs, boxes, lung_probs, y
-    lungs = np.stack([lungs_in_input(p, model.lungs, x_in.shape[1]) for p in lung_probs])
-    hidden = {keep: np.array([o.probability for o in run(occluded(x_in, lungs, keep))]) for keep in OCCLUSIONS}
-    return outputs, boxes, lung_probs, y, hidden
+    done = ModelRun(run(x_in), boxes, lung_probs, y)
+    if occlusions:
+        lungs = np.stack([lungs_in_input(p, model.lungs, x_in.shape[1]) for p in lung_probs])
+        done.occluded = {keep: np.array([o.probability for o in run(occluded(x_in, lungs, keep))])
+                         for keep in OCCLUSIONS}
+    return done
 
 
 def evaluate(model_dir: Path, data_dir: Path, batch_size: int = 32, *, validation: bool = False,
@@ -74,7 +87,8 @@ def evaluate(model_dir: Path, data_dir: Path, batch_size: int = 32, *, validatio
     card = read_card(model_dir)
     model = load_scoring_model(model_dir, threads=2)
     items = validation_split(card, Path(data_dir)) if validation else list_split(data_dir)
-    outputs, boxes, lung_probs, y, hidden = run_model(model, items, lung_dir, batch_size, occlusions=True)
+    done = run_model(model, items, lung_dir, batch_size, occlusions=True)
+    outputs, boxes, lung_probs, y = done.outputs, done.boxes, done.lung_probs, done.y
     raw = np.array([o.probability for o in outputs])
     metrics = binary_metrics(y, raw, model.threshold)
     metrics["model"] = model.name
@@ -91,7 +105,7 @@ def evaluate(model_dir: Path, data_dir: Path, batch_size: int = 32, *, validatio
                                                 "a": model.calibration[0], "b": model.calibration[1]}
     metrics["calibration"]["reliability"] = reliability(y, scores)
     metrics["gradcam"] = gradcam_lung_metrics([o.heatmap for o in outputs], boxes, lung_probs, y)
-    metrics["occlusion"] = occlusion_metrics(y, raw, hidden)
+    metrics["occlusion"] = occlusion_metrics(y, raw, done.occluded)
     refused = [r for r in (check_lungs(p)[1].reason() for p in lung_probs) if r]
     metrics["quality_gate"] = {"refused": len(refused), "of": len(y), "reasons": sorted(set(refused))[:5]}
     return metrics, y, scores
