@@ -125,14 +125,17 @@ def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augment: Augme
     geometry = photometric = None
     if augment is not None:
         geometry, photometric = build_augmenter(augment, seed, "geometry"), build_augmenter(augment, seed, "photometric")
+
+    def augmented(a):
+        return photometric(geometry(a, training=True), training=True)
+
     if lungs is None:
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         if augment is not None:
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch).map(lambda a, b: (tf.cast(a, tf.float32), b))
         if augment is not None:
-            ds = ds.map(lambda a, b: (photometric(geometry(a, training=True), training=True), b),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.map(lambda a, b: (augmented(a), b), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def swapped(a, m, b):
@@ -141,7 +144,7 @@ def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augment: Augme
 
     def moved(a, m, b):
         if not guided:
-            return photometric(geometry(a, training=True), training=True), m, b
+            return augmented(a), m, b
         both = geometry(tf.concat([a, m], axis=-1), training=True)
         return photometric(both[..., :1], training=True), both[..., 1:], b
 
