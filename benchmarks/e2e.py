@@ -39,11 +39,13 @@ def main(folder: str, decode_workers: str = "1", model_threads: str = "0", db_ur
         decoders = early_decoders(settings, len(paths))
         start = time.perf_counter()
         # as `batchcxr score`: imported (with the models and database) while the decode workers start
+        from batchcxr.cli import started
         from batchcxr.pipeline import Scorer
         from batchcxr.store.repo import Store
 
         store = Store.open(settings.sqlalchemy_url)
         scorer = Scorer.from_settings(settings, store)
+        started()
         load_seconds = time.perf_counter() - start
         summary = scorer.score_paths(Path(folder), paths, decoders=decoders)
         store.close()
