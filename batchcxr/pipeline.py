@@ -119,11 +119,15 @@ def _read_ahead(path: Path) -> None:
 
 def write_layers(item: PreparedImage, outputs, lungs, reports_dir: Path, alpha: float) -> tuple[dict[str, str], str]:
     """One Grad-CAM layer per model and the lung outline into ``reports_dir`` (prepare_file wrote
-    the display JPEG). Returns (overlay path per model, outline path), relative to reports_dir."""
+    the display JPEG). Returns (overlay path per model, outline path), relative to reports_dir; a
+    model that found no evidence for pneumonia anywhere (an empty map) gets no layer, and its
+    report says so instead of showing a transparent one."""
     tmp = reports_dir / TMP_DIR
     shape = (item.image.rows, item.image.columns) if item.image.rows and item.image.columns else (1, 1)
     overlays = {}
     for o in outputs:
+        if not o.heatmap.any():
+            continue
         rel = f"images/{item.source.sha256[:24]}-{o.model_name}{LAYER_SUFFIX}"
         layer = heatmap_layer(boxed_heatmap(o.heatmap, o.box), shape, alpha)
         atomic_write(reports_dir / rel, encode_layer(layer), tmp)

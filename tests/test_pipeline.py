@@ -186,6 +186,38 @@ def test_report_stacks_each_models_layer_over_the_image(tmp_path, make_scorer):
     assert outline.tag.endswith("svg") and outline.find("{http://www.w3.org/2000/svg}path").get("d").startswith("M")
 
 
+
+def test_a_model_with_no_evidence_anywhere_gets_no_layer_and_its_report_says_so(tmp_path, make_scorer, monkeypatch):
+    """An empty Grad-CAM map (the CNN answers so for films whose last convolution block has no
+    feature at all) gets no layer file and no heatmap path; the study page says that no region
+    backs the probability instead of showing a transparent layer, and the other model's layer stays."""
+    from sqlalchemy import select
+
+    import batchcxr.pipeline as pipeline
+    from batchcxr.store.schema import Prediction
+
+    real = pipeline.infer_batch
+
+    def cnn_without_evidence(*args, **kwargs):
+        kept, outputs, masks, rejected = real(*args, **kwargs)
+        outputs = [[dataclasses.replace(o, heatmap=np.zeros_like(o.heatmap)) if o.model_name == "cnn" else o
+                    for o in per_image] for per_image in outputs]
+        return kept, outputs, masks, rejected
+
+    monkeypatch.setattr(pipeline, "infer_batch", cnn_without_evidence)
+    scorer = make_scorer()
+    summary = scorer.score_tree(DEMO_DIR / "jpeg")
+    assert summary.scored > 0
+    for page in (summary.index_path.parent / "studies").glob("*.html"):
+        refs = _links(page).refs
+        assert [r for r in refs if r.endswith("-cnn.png")] == []
+        assert [r for r in refs if r.endswith("-mobilenetv2.png")]
+        assert "No evidence for pneumonia anywhere in the image" in page.read_text()
+    assert not list((tmp_path / "reports" / "images").glob("*-cnn.png"))
+    with scorer.store.read_session() as s:
+        rows = s.execute(select(Prediction.model_name, Prediction.heatmap_path)).all()
+    assert {(name, path == "") for name, path in rows} == {("cnn", True), ("mobilenetv2", False)}
+
 def test_second_run_scores_nothing_and_rescore_forces(tmp_path, make_scorer):
     folder = tmp_path / "in"
     dicom_file(folder / "a.dcm")
