@@ -186,14 +186,13 @@ def test_report_stacks_each_models_layer_over_the_image(tmp_path, make_scorer):
     assert outline.tag.endswith("svg") and outline.find("{http://www.w3.org/2000/svg}path").get("d").startswith("M")
 
 
-
 def test_a_model_with_no_evidence_anywhere_gets_no_layer_and_its_report_says_so(tmp_path, make_scorer, monkeypatch):
     """An empty Grad-CAM map (the CNN answers so for films whose last convolution block has no
     feature at all) gets no layer file and no heatmap path; the study page says that no region
     backs the probability instead of showing a transparent layer, and the other model's layer stays."""
     from sqlalchemy import select
 
-    import batchcxr.pipeline as pipeline
+    from batchcxr import pipeline
     from batchcxr.store.schema import Prediction
 
     real = pipeline.infer_batch
@@ -217,6 +216,7 @@ def test_a_model_with_no_evidence_anywhere_gets_no_layer_and_its_report_says_so(
     with scorer.store.read_session() as s:
         rows = s.execute(select(Prediction.model_name, Prediction.heatmap_path)).all()
     assert {(name, path == "") for name, path in rows} == {("cnn", True), ("mobilenetv2", False)}
+
 
 def test_second_run_scores_nothing_and_rescore_forces(tmp_path, make_scorer):
     folder = tmp_path / "in"
