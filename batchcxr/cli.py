@@ -104,6 +104,9 @@ def main(ctx: click.Context, verbose: bool) -> None:
               help="Lung segmenter folder [default: models/lungs].")
 @click.option("--cnn-head", type=click.Choice(["flatten", "gap"]), default="flatten", show_default=True,
               help="CNN: Flatten (the reference's: a weight per position) or global average pooling before Dense.")
+@click.option("--cnn-dense", type=click.Choice(["relu", "batchnorm", "leaky"]), default="relu", show_default=True,
+              help="CNN: the head's hidden layer: Dense + ReLU (the reference's), + batch normalization before "
+                   "the ReLU, or a leaky ReLU (both against units that never fire).")
 @click.option("--imagenet-tflite", "tflite_path", type=click.Path(path_type=Path), default=DEFAULT_TFLITE,
               show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
@@ -112,7 +115,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
           corners: float, centre: float, outside: float, aspect: float, lung_guidance: float,
           lung_fields: str, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, split_rule: str, label_smoothing: float, lung_contract: str,
-          lung_model: Path | None, cnn_head: str, tflite_path: Path) -> None:
+          lung_model: Path | None, cnn_head: str, cnn_dense: str, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
     if model_name == "lungs":
         from batchcxr.training.lungs import LungTrainConfig, train_lungs
@@ -156,6 +159,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         lungs=lung_contract,
         lung_model=lung_model,
         cnn_head=cnn_head,
+        cnn_dense=cnn_dense,
         lung_guidance=lung_guidance,
         lung_fields=lung_fields,
     )

@@ -60,10 +60,12 @@ def test_gradcam_maths_by_hand():
     assert cam.tolist() == [[1.0, 0.0], [0.0, 0.0]]
 
 
-@pytest.mark.parametrize("head", ["flatten", "gap"])
-def test_cnn_heads_exact_gradcam_matches_gradient_tape(batch, head):
+@pytest.mark.parametrize(("head", "dense"), [("flatten", "relu"), ("gap", "relu"), ("flatten", "batchnorm"),
+                                            ("flatten", "leaky")])
+def test_cnn_heads_exact_gradcam_matches_gradient_tape(batch, head, dense):
     """The export's closed-form Grad-CAM for each CNN head against back-propagation, on a freshly
-    built CNN whose batch-norm statistics are moved off their defaults (so ReLUs are mixed)."""
+    built CNN whose batch-norm statistics are moved off their defaults (so ReLUs are mixed; the
+    head's own batch normalization, when it has one, with every statistic moved)."""
     import keras
     import tensorflow as tf
 
@@ -71,11 +73,15 @@ def test_cnn_heads_exact_gradcam_matches_gradient_tape(batch, head):
     from batchcxr.training.architectures import CAM_LAYER, OUTPUT_LAYER, build_cnn
 
     keras.utils.set_random_seed(3)
-    km = build_cnn(head=head)
+    km = build_cnn(head=head, dense=dense)
     rng = np.random.default_rng(3)
     for layer in km.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             gamma, beta, mean, var = layer.get_weights()
+            if layer.name == "dense_bn":
+                gamma = rng.uniform(0.5, 2.0, gamma.shape).astype(np.float32)
+                mean = rng.normal(0, 0.05, mean.shape).astype(np.float32)
+                var = rng.uniform(0.001, 0.01, var.shape).astype(np.float32)
             layer.set_weights([gamma, rng.normal(0, 0.5, beta.shape).astype(np.float32), mean, var])
     x = tf.convert_to_tensor(batch.astype(np.float32))
     head_layer = km.get_layer(OUTPUT_LAYER)

@@ -75,6 +75,33 @@ def test_card_matches_weights(name):
         assert card[key], key
 
 
+def test_cnn_dense_kinds_build_the_head_their_card_names():
+    """--cnn-dense: batchnorm is Dense without bias -> BatchNormalization -> ReLU, leaky a Dense with
+    a leaky ReLU; the card's architecture summary says which; relu is the reference's Dense."""
+    import keras
+
+    from batchcxr.training.architectures import LEAKY_SLOPE, build_cnn
+    from batchcxr.training.train import TrainConfig, _architecture_summary
+
+    def head(model):
+        names = [layer.name for layer in model.layers]
+        return names[names.index("dense"):names.index("dropout")]
+
+    def summary(model, dense):
+        return _architecture_summary(model, TrainConfig(model="cnn", data_dir=MODELS_DIR, out_dir=MODELS_DIR,
+                                                        cnn_dense=dense))
+
+    plain, normed, leaky = build_cnn(), build_cnn(dense="batchnorm"), build_cnn(dense="leaky")
+    assert head(plain) == ["dense"] and plain.get_layer("dense").use_bias
+    assert head(normed) == ["dense", "dense_bn", "dense_relu"] and not normed.get_layer("dense").use_bias
+    assert head(leaky) == ["dense", "dense_relu"]
+    assert isinstance(leaky.get_layer("dense_relu"), keras.layers.LeakyReLU)
+    assert leaky.get_layer("dense_relu").negative_slope == pytest.approx(LEAKY_SLOPE)
+    assert "Dense 64 ReLU," in summary(plain, "relu")
+    assert "Dense 64 + BatchNorm + ReLU," in summary(normed, "batchnorm")
+    assert f"Dense 64 LeakyReLU {LEAKY_SLOPE}," in summary(leaky, "leaky")
+
+
 def test_aspect_jitter_stretches_width_only():
     from batchcxr.training.architectures import AugmentConfig, build_augmenter
 

@@ -9,8 +9,10 @@ The graph returns, for a (N, 224, 224, 1) float32 batch:
   * MobileNetV2 (A -> GlobalAveragePooling -> Dense): d logit / d A_ijk = w_k / (h w), so
     alpha_k = w_k / (h w) (Grad-CAM reduces to CAM).
   * CNN (A -> MaxPool 2 -> Flatten -> Dense(ReLU) -> Dense): the gradient at the pooled map is
-    W1 (w2 * [z > 0]); max pooling routes each window's gradient to exactly one element, so the
-    spatial mean over A is the pooled gradient's sum divided by A's h w. With global average
+    W1 (w2 * [z > 0]) (a batch normalization before the ReLU is folded into W1 and b1 first; with a
+    leaky ReLU of slope s, [z > 0] is 1 where z > 0 and s elsewhere); max pooling routes each
+    window's gradient to exactly one element, so the spatial mean over A is the pooled gradient's
+    sum divided by A's h w. With global average
     pooling in place of Flatten (layer ``gap``) the pooled gradient is W1 (w2 * [z > 0]) / (h' w')
     at every pooled position, so its sum is W1 (w2 * [z > 0]) itself.
 
@@ -60,8 +62,7 @@ def scoring_function(km, kind: str):
     if kind == "cnn":
         pool = km.get_layer("pool3")
         gap = any(layer.name == "gap" for layer in km.layers)
-        dense = km.get_layer("dense")
-        w1_np, b1_np = dense.kernel.numpy(), dense.bias.numpy()  # (flat, units), (units,)
+        w1_np, b1_np, slope = _dense_head(km)
 
         @tf.function(input_signature=[spec])
         def run(image):
@@ -70,8 +71,8 @@ def scoring_function(km, kind: str):
             pooled = pool(a)
             flat = tf.reduce_mean(pooled, axis=[1, 2]) if gap else tf.reshape(pooled, [tf.shape(pooled)[0], -1])
             z = tf.matmul(flat, w1) + b1
-            logit = tf.matmul(tf.nn.relu(z), w2) + b2
-            grad_z = tf.cast(z > 0, tf.float32) * w2[:, 0]
+            logit = tf.matmul(tf.nn.leaky_relu(z, slope) if slope else tf.nn.relu(z), w2) + b2
+            grad_z = tf.where(z > 0, 1.0, slope) * w2[:, 0]
             grad_flat = tf.matmul(grad_z, w1, transpose_b=True)
             # summed over the pooled positions: (N, k)
             grad_sum = grad_flat if gap else tf.reduce_sum(tf.reshape(grad_flat, tf.shape(pooled)), axis=[1, 2])
@@ -83,6 +84,27 @@ def scoring_function(km, kind: str):
         return run
 
     raise ValueError(f"unknown model kind {kind!r}")
+
+
+def _dense_head(km):
+    """The CNN head's hidden layer (architectures.CNN_DENSE) as one affine map (kernel (flat,
+    units), bias (units,)) and the slope of its activation below zero (0 for a ReLU). A batch
+    normalization before the activation (layer ``dense_bn``) is folded into the map with its
+    moving statistics, as it computes at inference."""
+    import keras
+    import numpy as np
+
+    names = {layer.name for layer in km.layers}
+    dense = km.get_layer("dense")
+    kernel = dense.kernel.numpy()
+    bias = dense.bias.numpy() if dense.use_bias else np.zeros(kernel.shape[1], kernel.dtype)
+    act = km.get_layer("dense_relu") if "dense_relu" in names else None
+    slope = float(act.negative_slope) if isinstance(act, keras.layers.LeakyReLU) else 0.0
+    if "dense_bn" in names:
+        bn = km.get_layer("dense_bn")
+        scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+        kernel, bias = kernel * scale, (bias - bn.moving_mean.numpy()) * scale + bn.beta.numpy()
+    return kernel, bias, slope
 
 
 def export_onnx(km, kind: str, path: Path) -> Path:

@@ -24,6 +24,7 @@ from batchcxr.paths import MODELS_DIR
 from batchcxr.normalize.contract import PreprocessContract, finish_batch
 from batchcxr.normalize.lungfield import lungs_in_input
 from batchcxr.training.architectures import (
+    LEAKY_SLOPE,
     AugmentConfig,
     build_augmenter,
     build_cnn,
@@ -89,6 +90,8 @@ class TrainConfig:
     """The lung segmenter folder (models/lungs) when ``lungs`` is not none."""
     cnn_head: str = "flatten"
     """CNN: Flatten (the reference's) or global average pooling before its Dense layer (CNN_HEADS)."""
+    cnn_dense: str = "relu"
+    """CNN: the head's hidden layer, Dense + ReLU (the reference's) or one of the others (CNN_DENSE)."""
     lung_guidance: float = 0.0
     """Weight of the loss term that charges evidence outside the lung fields (training.guidance;
     0: none). Needs a lung contract."""
@@ -256,7 +259,8 @@ def export_scoring(model, kind: str, out: Path) -> dict[str, str]:
 
 def _build(cfg: TrainConfig):
     if cfg.model == "cnn":
-        return build_cnn(head=cfg.cnn_head, **({"dropout": cfg.dropout} if cfg.dropout is not None else {}))
+        return build_cnn(head=cfg.cnn_head, dense=cfg.cnn_dense,
+                         **({"dropout": cfg.dropout} if cfg.dropout is not None else {}))
     if cfg.model == "mobilenetv2":
         if cfg.tflite_path is None:
             raise ValueError("mobilenetv2 needs tflite_path (the ImageNet weights)")
@@ -278,12 +282,17 @@ def _library_versions() -> dict[str, str]:
     }
 
 
+DENSE_SUMMARY = {  # the card's words for each CNN_DENSE kind
+    "relu": "ReLU", "batchnorm": "+ BatchNorm + ReLU", "leaky": f"LeakyReLU {LEAKY_SLOPE}"}
+
+
 def _architecture_summary(model, cfg: TrainConfig) -> str:
     if cfg.model == "cnn":
         return (
             "3 x (Conv2D 3x3 [32 stride 2, 64, 128] + BatchNorm + ReLU + MaxPool 2), "
             f"{'Flatten' if cfg.cnn_head == 'flatten' else 'GlobalAveragePooling'}, "
-            f"Dense {model.get_layer('dense').units} ReLU, Dropout {model.get_layer('dropout').rate}, "
+            f"Dense {model.get_layer('dense').units} {DENSE_SUMMARY[cfg.cnn_dense]}, "
+            f"Dropout {model.get_layer('dropout').rate}, "
             "Dense 1 sigmoid; Grad-CAM layer cam_features (last conv block)"
         )
     return (
