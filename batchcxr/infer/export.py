@@ -12,9 +12,9 @@ The graph returns, for a (N, 224, 224, 1) float32 batch:
     W1 (w2 * [z > 0]) (a batch normalization before the ReLU is folded into W1 and b1 first; with a
     leaky ReLU of slope s, [z > 0] is 1 where z > 0 and s elsewhere); max pooling routes each
     window's gradient to exactly one element, so the spatial mean over A is the pooled gradient's
-    sum divided by A's h w. With global average
-    pooling in place of Flatten (layer ``gap``) the pooled gradient is W1 (w2 * [z > 0]) / (h' w')
-    at every pooled position, so its sum is W1 (w2 * [z > 0]) itself.
+    sum divided by A's h w. With global average pooling in place of Flatten (layer ``gap``) the
+    pooled gradient is W1 (w2 * [z > 0]) / (h' w') at every pooled position, so its sum is
+    W1 (w2 * [z > 0]) itself.
 
 Dropout is the identity at inference. tests/test_fast_path.py checks both against a GradientTape
 Grad-CAM to 1e-4 and the probabilities against the Keras model to 1e-3.
