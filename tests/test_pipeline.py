@@ -187,8 +187,8 @@ def test_report_stacks_each_models_layer_over_the_image(tmp_path, make_scorer):
 
 
 def test_a_model_with_no_evidence_anywhere_gets_no_layer_and_its_report_says_so(tmp_path, make_scorer, monkeypatch):
-    """An empty Grad-CAM map (the CNN answers so for films whose last convolution block has no
-    feature at all) gets no layer file and no heatmap path; the study page says that no region
+    """An empty Grad-CAM map (the stop-29 CNN answered so for films on which no unit of its head's
+    hidden layer fired) gets no layer file and no heatmap path; the study page says that no region
     backs the probability instead of showing a transparent layer, and the other model's layer stays."""
     from sqlalchemy import select
 
