@@ -161,3 +161,22 @@ def test_the_worklist_filters_pages_and_caps_its_counts_in_sql(store):
     assert 0 < n < 9 and all(s.positive for s in store.worklist(positive, 0, 100))
     assert store.count_studies(positive, cap=2) == min(n, 3)  # stops counting after cap + 1
     assert store.count_studies(everything, cap=100) == store.count_studies() == 9
+
+
+def test_a_study_pages_neighbours_are_its_worklist_neighbours_ties_included(store):
+    from batchcxr.store.lists import WorklistFilter
+
+    run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
+    scores = [0.9, 0.5, 0.5, 0.5, 0.2, 0.9, 0.7, 0.5, 0.2, 0.3]  # ties: the id breaks them, as in the list
+
+    def scored(k: int, p: float) -> ScoredImage:
+        item = _item(k, study=f"1.2.{k}")
+        return dataclasses.replace(item, outputs=[dataclasses.replace(o, probability=p) for o in item.outputs])
+
+    assert store.record_scored(run, [scored(k, p) for k, p in enumerate(scores, 1)]) == []
+    for f in (WorklistFilter(), WorklistFilter(label="PNEUMONIA"), WorklistFilter(label="NORMAL")):
+        order = [s.id for s in store.worklist(f, 0, 100)]
+        assert len(order) > 2
+        for i, sid in enumerate(order):
+            expected = (order[i - 1] if i else None, order[i + 1] if i + 1 < len(order) else None)
+            assert store.neighbours(store.study(sid), f) == expected, (f, sid)

@@ -8,7 +8,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, exists, func, or_, select, true, update
+from sqlalchemy import and_, bindparam, exists, func, select, true, tuple_, update
 from sqlalchemy.orm import Session, selectinload
 
 from batchcxr.store.schema import Image, SourceFile, Study, Verdict
@@ -112,10 +112,14 @@ class StudyLists:
             return s.scalar(q) or 0
 
     def neighbours(self, study: Study, f: WorklistFilter) -> tuple[int | None, int | None]:
-        """The studies before and after ``study`` in the filtered worklist order (keyset queries)."""
-        key = (study.max_score, study.id)
-        before = or_(Study.max_score > key[0], and_(Study.max_score == key[0], Study.id > key[1]))
-        after = or_(Study.max_score < key[0], and_(Study.max_score == key[0], Study.id < key[1]))
+        """The studies before and after ``study`` in the filtered worklist order (keyset queries).
+
+        Row-value comparisons, so both databases start their index scans at the study: spelled
+        out as ``max_score > k OR (max_score = k AND id > i)``, both walked the index from one end
+        (at a million studies 25-95 ms a query on PostgreSQL, 9-45 ms on SQLite, against 0.3 and
+        0.1 ms)."""
+        key, here = tuple_(Study.max_score, Study.id), tuple_(study.max_score, study.id)
+        before, after = key > here, key < here
         with self.read_session() as s:
             prev_id = s.scalar(select(Study.id).where(_where(f), before)
                                .order_by(Study.max_score.asc(), Study.id.asc()).limit(1))

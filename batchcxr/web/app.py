@@ -207,8 +207,9 @@ def create_app(settings: Settings, store: Store) -> Flask:
         audit("worklist", f"page {page}", " ".join(f"{k}={v}" for k, v in f.as_args().items()))
         # counted up to the cap: "more than", and a next page while pages are full
         pages = page + (len(shown) == web.page_size) if more else max(1, -(-total // web.page_size))
+        studies_total = store.count_studies() if f.as_args() else total  # unfiltered: counted once (O(N))
         return render("web/worklist.html", rows=shown, page=page, pages=pages, total=total, more=more,
-                      studies_total=store.count_studies(), reviewed=store.count_reviewed(), filters=f.as_args(),
+                      studies_total=studies_total, reviewed=store.count_reviewed(), filters=f.as_args(),
                       choices=FILTERS, model_names=sorted({n for r in shown for n in r.view.scores}))
 
     @app.get("/study/<int:study_id>")
