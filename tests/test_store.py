@@ -180,3 +180,19 @@ def test_a_study_pages_neighbours_are_its_worklist_neighbours_ties_included(stor
         for i, sid in enumerate(order):
             expected = (order[i - 1] if i else None, order[i + 1] if i + 1 < len(order) else None)
             assert store.neighbours(store.study(sid), f) == expected, (f, sid)
+
+
+def test_the_report_index_totals_match_the_rows(store):
+    from batchcxr.store.lists import WorklistFilter
+
+    run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
+    items = [_item(k, study=f"1.2.{k % 6}") for k in range(1, 10)]  # 6 studies, 9 images
+    items[0] = dataclasses.replace(items[0], outputs=[dataclasses.replace(items[0].outputs[0], probability=0.9),
+                                                      dataclasses.replace(items[0].outputs[1], probability=0.1)])
+    assert store.record_scored(run, items) == []
+    studies = store.worklist(WorklistFilter(), 0, 100)
+    counts = store.archive_counts()
+    assert counts["studies"] == len(studies) == 6 and counts["images"] == 9 and counts["failed_files"] == 0
+    assert counts["scored_studies"] == sum(s.max_score >= 0 for s in studies) == 6
+    assert counts["positive"] == sum(bool(s.positive) for s in studies) > 0
+    assert counts["disagree"] == sum(bool(s.disagree) for s in studies) > 0
