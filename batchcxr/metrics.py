@@ -34,6 +34,7 @@ MODEL = Gauge("batchcxr_model_info", "Models in use (value 1)", ["model", "versi
 HEARTBEAT = Gauge("batchcxr_heartbeat_timestamp_seconds", "Unix time of the last heartbeat")
 RECEIVED = Counter("batchcxr_dicom_received", "DICOM instances received by the C-STORE SCP, by status", ["status"])
 OUTBOX = Gauge("batchcxr_outbox_pending", "Results waiting to be sent to the PACS")
+OUTBOX_SENT = Counter("batchcxr_outbox_sent", "Results sent to the PACS, by destination", ["destination"])
 WEB_REQUESTS = Counter("batchcxr_web_requests", "Review-app requests, by endpoint and status", ["endpoint", "status"])
 WEB_SECONDS = Histogram("batchcxr_web_request_seconds", "Review-app request latency", ["endpoint"],
                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))

@@ -73,7 +73,7 @@ def gather(settings: Settings, *, stale_after: float = 60.0, backlog_after: floa
             {"time": e.created_at, "path": e.path, "reason": e.reason}
             for e in store.errors_since(since, limit=200) if e.status == "failed"][-10:]
         report["failed_files"] = store.count_failed_files()
-        report["outbox"] = store.outbox_summary()
+        report["outbox"] = store.outbox_summary()  # what waits; sent totals: the batchcxr_outbox_sent metric
         if failed_page is not None:
             page = max(1, failed_page)
             report["failed_page"] = page

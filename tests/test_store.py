@@ -196,3 +196,39 @@ def test_the_report_index_totals_match_the_rows(store):
     assert counts["scored_studies"] == sum(s.max_score >= 0 for s in studies) == 6
     assert counts["positive"] == sum(bool(s.positive) for s in studies) > 0
     assert counts["disagree"] == sum(bool(s.disagree) for s in studies) > 0
+
+
+def test_the_outbox_counts_what_it_adds_and_sums_up_only_what_waits(store):
+    def objects(*uids: str, dest: str = "pacs") -> list[dict]:
+        return [dict(destination=dest, kind="sr", study_key="1.2.3", sop_instance_uid=u, path=f"/out/{u}.dcm")
+                for u in uids]
+
+    assert store.enqueue_outbox(objects("1", "2", "3")) == 3
+    assert store.enqueue_outbox(objects("2", "3", "4")) == 1  # an object already recorded stays as it is
+    assert store.enqueue_outbox(objects("1", dest="stow")) == 1
+    summary = store.outbox_summary()
+    assert {d: v["pending"] for d, v in summary.items()} == {"pacs": 4, "stow": 1}
+    assert all(v["oldest_pending"] is not None and v["last_error"] == "" for v in summary.values())
+    due = store.outbox_due(100)
+    store.outbox_sent([i.id for i in due if i.destination == "stow"])
+    store.outbox_retry([i.id for i in due if i.sop_instance_uid == "4"], "association refused", 60.0)
+    summary = store.outbox_summary()
+    assert list(summary) == ["pacs"] and summary["pacs"]["pending"] == 4  # sent objects are not summed up
+    assert summary["pacs"]["last_error"] == "association refused"
+
+
+def test_the_studies_a_run_touched_are_found_by_their_update_time(store):
+    import datetime as dt
+
+    from batchcxr.store.schema import utcnow
+
+    run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
+    assert store.record_scored(run, [_item(k, study=f"1.2.{k}") for k in (1, 2)]) == []
+    since = utcnow()
+    folder = dataclasses.replace(_item(4), prepared=dataclasses.replace(
+        _item(4).prepared, study=StudyInfo("folder:/in/a", patient_name="Doe^Jane", patient_id="P1")))
+    assert store.record_scored(run, [_item(3, study="1.2.3"), _item(5, study="1.2.1"), folder]) == []
+    touched = store.dicom_study_ids_touched_since(since)
+    keys = {s.study_key for s in store.studies_by_id(touched)}
+    assert keys == {"1.2.3", "1.2.1"}  # a new study and one given a new image; not the folder study
+    assert touched == sorted(touched) and store.dicom_study_ids_touched_since(utcnow() + dt.timedelta(seconds=1)) == []

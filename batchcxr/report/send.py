@@ -61,17 +61,14 @@ class Outbox:
         """Build and record the results of every DICOM study changed since ``since``."""
         if not self.enabled:
             return 0
-        added, after = 0, 0
-        while True:
-            studies = self.store.dicom_studies_touched_since(since, after)
-            if not studies:
-                return added
-            for study in studies:
+        ids, added = self.store.dicom_study_ids_touched_since(since), 0
+        for lo in range(0, len(ids), 200):
+            for study in sorted(self.store.studies_by_id(ids[lo : lo + 200]), key=lambda st: st.id):
                 try:
                     added += self.enqueue_study(study)
                 except Exception:  # noqa: BLE001 - one study's objects must not stop the others
                     log.exception("results of study %s not built", escape_controls(study.study_key))
-            after = studies[-1].id
+        return added
 
     def _findings(self, study) -> list[Finding]:
         from batchcxr.report.dicom_results import Finding, SourceImage  # pydicom: only a process that sends
@@ -174,6 +171,7 @@ class Outbox:
             ok = [i for i, err in results.items() if err is None]
             self.store.outbox_sent(ok)
             summary.sent += len(ok)
+            metrics.OUTBOX_SENT.labels(name).inc(len(ok))
             failed = {i: e for i, e in results.items() if e is not None}
             for error in set(failed.values()):
                 self.store.outbox_retry([i for i, e in failed.items() if e == error], error,

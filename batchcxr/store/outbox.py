@@ -6,9 +6,9 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
-from batchcxr.store.schema import Image, OutboxItem, Study, utcnow
+from batchcxr.store.schema import OutboxItem, Study, utcnow
 
 
 class OutboxRecords:
@@ -26,12 +26,11 @@ class OutboxRecords:
         if not items:
             return 0
         now = utcnow()
+        stmt = (self._insert(OutboxItem).on_conflict_do_nothing(index_elements=["destination", "sop_instance_uid"])
+                .returning(OutboxItem.id))  # only the rows inserted come back: no count of the whole table
         with self.session() as s, s.begin():
-            before = s.scalar(select(func.count()).select_from(OutboxItem)) or 0
-            stmt = self._insert(OutboxItem).on_conflict_do_nothing(index_elements=["destination", "sop_instance_uid"])
-            s.execute(stmt, [dict(i, status="pending", attempts=0, next_attempt_at=now, last_error="", created_at=now)
-                             for i in items])
-            return (s.scalar(select(func.count()).select_from(OutboxItem)) or 0) - before
+            return len(s.execute(stmt, [dict(i, status="pending", attempts=0, next_attempt_at=now, last_error="",
+                                             created_at=now) for i in items]).all())
 
     def outbox_due(self, limit: int = 50) -> list[OutboxItem]:
         with self.read_session() as s:
@@ -56,26 +55,24 @@ class OutboxRecords:
                 item.last_error = error[:1000]
 
     def outbox_summary(self) -> dict[str, dict]:
-        """Per destination: pending, sent, oldest pending, last error."""
+        """Per destination with objects waiting: pending, oldest pending, last error. Reads the
+        pending rows only (the status index), never the sent ones, which grow with the archive."""
         out: dict[str, dict] = {}
         with self.read_session() as s:
-            for dest, status, n, oldest in s.execute(
-                    select(OutboxItem.destination, OutboxItem.status, func.count(), func.min(OutboxItem.created_at))
-                    .group_by(OutboxItem.destination, OutboxItem.status)):
-                d = out.setdefault(dest, {"pending": 0, "sent": 0, "oldest_pending": None, "last_error": ""})
-                d[status] = n
-                if status == "pending":
-                    d["oldest_pending"] = oldest
+            for dest, n, oldest in s.execute(
+                    select(OutboxItem.destination, func.count(), func.min(OutboxItem.created_at))
+                    .where(OutboxItem.status == "pending").group_by(OutboxItem.destination)):
+                out[dest] = {"pending": n, "oldest_pending": oldest, "last_error": ""}
             for dest, error in s.execute(select(OutboxItem.destination, OutboxItem.last_error)
                                          .where(OutboxItem.status == "pending", OutboxItem.last_error != "")
                                          .order_by(OutboxItem.next_attempt_at.desc()).limit(20)):
                 out[dest]["last_error"] = out[dest]["last_error"] or error
         return out
 
-    def dicom_studies_touched_since(self, since: dt.datetime, after_id: int = 0, limit: int = 200) -> list[Study]:
-        """DICOM studies (not folder studies) updated since ``since``, with images and predictions."""
+    def dicom_study_ids_touched_since(self, since: dt.datetime) -> list[int]:
+        """Ids of the DICOM studies (not folder studies) updated since ``since``, in order: a range
+        of the updated_at index, so it costs what the run touched, not the archive (paged by id
+        instead, both databases walked the primary key from the first study)."""
         with self.read_session() as s:
-            return list(s.scalars(select(Study).where(Study.updated_at >= since, Study.id > after_id,
-                                                      ~Study.study_key.startswith("folder:"))
-                                  .order_by(Study.id).limit(limit)
-                                  .options(selectinload(Study.images).selectinload(Image.predictions))).all())
+            return sorted(s.scalars(select(Study.id).where(Study.updated_at >= since,
+                                                          ~Study.study_key.startswith("folder:"))).all())

@@ -44,6 +44,7 @@ class Study(Base):
     __tablename__ = "studies"
     __table_args__ = (Index("ix_studies_max_score", "max_score", "id"), Index("ix_studies_study_date", "study_date"),
                       Index("ix_studies_report_stale", "report_stale"),
+                      Index("ix_studies_updated_at", "updated_at"),  # the studies a run touched (outbox)
                       # the worklist filtered by label or agreement, in score order, without walking the
                       # whole archive (normals sit at the end of the score order)
                       Index("ix_studies_positive_score", "positive", "max_score", "id"),
@@ -127,7 +128,8 @@ class Prediction(Base):
     threshold: Mapped[float] = mapped_column(Float)
     heatmap_path: Mapped[str] = mapped_column(Text, default="")
     """Grad-CAM layer (PNG with alpha, stacked over the image by the reports), relative to the reports folder."""
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    """When it was recorded (again, when rescored); indexed for the last prediction's time."""
     image: Mapped[Image] = relationship(back_populates="predictions")
 
 
