@@ -207,13 +207,14 @@ def test_the_outbox_counts_what_it_adds_and_sums_up_only_what_waits(store):
     assert store.enqueue_outbox(objects("2", "3", "4")) == 1  # an object already recorded stays as it is
     assert store.enqueue_outbox(objects("1", dest="stow")) == 1
     summary = store.outbox_summary()
-    assert {d: v["pending"] for d, v in summary.items()} == {"pacs": 4, "stow": 1}
+    assert {d: v["pending"] for d, v in summary.items()} == {"pacs": 4, "stow": 1} and store.outbox_pending() == 5
     assert all(v["oldest_pending"] is not None and v["last_error"] == "" for v in summary.values())
     due = store.outbox_due(100)
     store.outbox_sent([i.id for i in due if i.destination == "stow"])
     store.outbox_retry([i.id for i in due if i.sop_instance_uid == "4"], "association refused", 60.0)
     summary = store.outbox_summary()
     assert list(summary) == ["pacs"] and summary["pacs"]["pending"] == 4  # sent objects are not summed up
+    assert store.outbox_pending() == 4
     assert summary["pacs"]["last_error"] == "association refused"
 
 

@@ -180,8 +180,7 @@ class Outbox:
             summary.failed += len(failed)
             if failed:
                 summary.errors[name] = next(iter(failed.values()))
-        pending = sum(d.get("pending", 0) for d in self.store.outbox_summary().values())
-        metrics.OUTBOX.set(pending)
+        metrics.OUTBOX.set(self.store.outbox_pending())
         return summary
 
     def _c_store(self, dest: Destination, items) -> dict[int, str | None]:

@@ -56,18 +56,24 @@ class OutboxRecords:
 
     def outbox_summary(self) -> dict[str, dict]:
         """Per destination with objects waiting: pending, oldest pending, last error. Reads the
-        pending rows only (the status index), never the sent ones, which grow with the archive."""
+        pending rows only, along the status index, never the sent ones, which grow with the archive
+        (summed up here, not by GROUP BY: SQLite's planner answered that by walking the whole
+        (destination, UID) index, 0.3 s at 2M sent objects)."""
         out: dict[str, dict] = {}
         with self.read_session() as s:
-            for dest, n, oldest in s.execute(
-                    select(OutboxItem.destination, func.count(), func.min(OutboxItem.created_at))
-                    .where(OutboxItem.status == "pending").group_by(OutboxItem.destination)):
-                out[dest] = {"pending": n, "oldest_pending": oldest, "last_error": ""}
-            for dest, error in s.execute(select(OutboxItem.destination, OutboxItem.last_error)
-                                         .where(OutboxItem.status == "pending", OutboxItem.last_error != "")
-                                         .order_by(OutboxItem.next_attempt_at.desc()).limit(20)):
-                out[dest]["last_error"] = out[dest]["last_error"] or error
+            rows = s.execute(select(OutboxItem.destination, OutboxItem.created_at, OutboxItem.last_error)
+                             .where(OutboxItem.status == "pending").order_by(OutboxItem.next_attempt_at.desc()))
+            for dest, created, error in rows:  # the latest attempts first: their error is the last one
+                d = out.setdefault(dest, {"pending": 0, "oldest_pending": created, "last_error": ""})
+                d["pending"] += 1
+                d["oldest_pending"] = min(d["oldest_pending"], created)
+                d["last_error"] = d["last_error"] or error
         return out
+
+    def outbox_pending(self) -> int:
+        """Objects waiting to be sent, to all destinations (a count along the status index)."""
+        with self.read_session() as s:
+            return s.scalar(select(func.count()).select_from(OutboxItem).where(OutboxItem.status == "pending")) or 0
 
     def dicom_study_ids_touched_since(self, since: dt.datetime) -> list[int]:
         """Ids of the DICOM studies (not folder studies) updated since ``since``, in order: a range
