@@ -26,11 +26,17 @@ class OutboxRecords:
         if not items:
             return 0
         now = utcnow()
-        stmt = (self._insert(OutboxItem).on_conflict_do_nothing(index_elements=["destination", "sop_instance_uid"])
-                .returning(OutboxItem.id))  # only the rows inserted come back: no count of the whole table
+        uids: dict[str, set[str]] = {}
+        for i in items:
+            uids.setdefault(i["destination"], set()).add(i["sop_instance_uid"])
+        stmt = self._insert(OutboxItem).on_conflict_do_nothing(index_elements=["destination", "sop_instance_uid"])
         with self.session() as s, s.begin():
-            return len(s.execute(stmt, [dict(i, status="pending", attempts=0, next_attempt_at=now, last_error="",
-                                             created_at=now) for i in items]).all())
+            known = sum(s.scalar(select(func.count()).select_from(OutboxItem)  # these objects only: the unique index
+                                 .where(OutboxItem.destination == dest, OutboxItem.sop_instance_uid.in_(list(u)))) or 0
+                        for dest, u in uids.items())
+            s.execute(stmt, [dict(i, status="pending", attempts=0, next_attempt_at=now, last_error="", created_at=now)
+                             for i in items])
+            return sum(len(u) for u in uids.values()) - known
 
     def outbox_due(self, limit: int = 50) -> list[OutboxItem]:
         with self.read_session() as s:
