@@ -8,7 +8,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, case, exists, func, select, true, tuple_, update
+from sqlalchemy import and_, bindparam, exists, func, select, true, tuple_, update
 from sqlalchemy.orm import Session, selectinload
 
 from batchcxr.store.schema import Image, SourceFile, Study, Verdict
@@ -168,18 +168,15 @@ class StudyLists:
             return s.scalar(select(func.max(Study.id))) or 0
 
     def archive_counts(self) -> dict[str, int]:
-        """Totals for the report index: the study totals in one pass over the studies (four
-        counts apart cost PostgreSQL twice as long at a million studies), then images and failures."""
+        """Totals for the report index, each one aggregate query (on SQLite each count walks a small
+        covering index; one pass with count(CASE) over the studies cost it 105 against 86 ms at a
+        million studies, though PostgreSQL's four counts take it twice as long as one pass)."""
         with self.read_session() as s:
-            studies, scored, positive, disagree = s.execute(select(  # count(CASE): SQLite before 3.30 has no FILTER
-                func.count(), *(func.count(case((cond, 1))) for cond in (Study.max_score >= 0, Study.positive.is_(True),
-                                                                           Study.disagree.is_(True))))
-                .select_from(Study)).one()
             return {
-                "studies": studies or 0,
-                "scored_studies": scored or 0,
-                "positive": positive or 0,
-                "disagree": disagree or 0,
+                "studies": s.scalar(select(func.count()).select_from(Study)) or 0,
+                "scored_studies": s.scalar(select(func.count()).select_from(Study).where(Study.max_score >= 0)) or 0,
+                "positive": s.scalar(select(func.count()).select_from(Study).where(Study.positive.is_(True))) or 0,
+                "disagree": s.scalar(select(func.count()).select_from(Study).where(Study.disagree.is_(True))) or 0,
                 "images": s.scalar(select(func.count()).select_from(Image)) or 0,
                 "failed_files": s.scalar(select(func.count()).select_from(SourceFile)
                                          .where(SourceFile.status == "failed")) or 0,
