@@ -227,7 +227,8 @@ def evaluate(model_dir: Path | None, data_dir: Path | None, validation: bool, ou
     the peaks fall, and the quality gate's refusals. Runs the ONNX scoring graph, as scoring does.
 
     With --against-reviews: accuracy, sensitivity and specificity of each model against the
-    reviewers' verdicts (uncertain verdicts are left out).
+    reviewers' verdicts (uncertain verdicts are left out), and AUC, ECE, Brier score and mean
+    probability against the observed share of the probabilities readers see (calibrated).
     """
     from batchcxr.evaluation import evaluate as ev
 

@@ -169,3 +169,25 @@ def test_occlusion_metrics_tell_a_lung_reader_from_a_shortcut():
     assert m["outside_only"]["roc_auc"] == 0.125 and m["outside_only"]["mean_abs_logit_change"] > 1
     line = next(x for x in evidence_lines({"occlusion": m}) if x.startswith("- occlusion"))
     assert "only the lungs left: AUC 1.0000" in line and "outside them left: AUC 0.1250" in line
+
+
+def test_review_probability_is_the_highest_calibrated_frontal_one():
+    """What a study's reader saw: calibrated where the model has a calibration, raw where not;
+    lateral and unscored images left out."""
+    from batchcxr.evaluation.reviews import shown_probabilities
+    from batchcxr.report.render import ImageView, ModelResult, StudyView
+
+    def image(frontal: bool, status: str, *results: ModelResult) -> ImageView:
+        return ImageView(0, "x.dcm", status, "", "", "PA" if frontal else "LL", frontal, "", list(results))
+
+    def result(name: str, raw: float, calibrated: float | None) -> ModelResult:
+        return ModelResult(0, name, "v", raw, 0.5, "PNEUMONIA" if raw >= 0.5 else "NORMAL", "", calibrated)
+
+    view = StudyView(id=1, key="k", slug="s", patient_name="", patient_id="", accession_number="", study_date="",
+                     study_description="", images=[
+        image(True, "scored", result("a", 0.9, 0.7), result("b", 0.2, None)),
+        image(True, "scored", result("a", 0.8, 0.75), result("b", 0.4, None)),
+        image(False, "scored", result("a", 0.99, 0.99), result("b", 0.99, None)),  # lateral
+        image(True, "failed", result("a", 0.99, 0.99)),
+    ])
+    assert shown_probabilities(view) == {"a": (0.75, True), "b": (0.4, False)}

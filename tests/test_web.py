@@ -183,17 +183,43 @@ def test_new_studies_appear_without_restart(site):
     assert text.count('class="study-link"') == before + 1 and "LATE-1" in text
 
 
-def test_verdicts_csv_and_evaluate_against_reviews(site):
+def test_verdicts_csv_and_evaluate_against_reviews(site, monkeypatch):
+    """Only the studies with a yes / no verdict are read (never the whole archive), and the
+    probabilities checked against the verdicts are the calibrated ones readers see."""
     from batchcxr.evaluation.reviews import against_reviews
 
     store = site["store"]
-    for study in store.studies()[:3]:
-        store.add_verdict(study.id, "bob", "yes")
-    result = against_reviews(store, ("LL",))
+    scored = [s for s in store.studies() if any(i.status == "scored" for i in s.images)]
+    assert len(scored) >= 6
+    for study, verdict in zip(scored, ["yes", "yes", "yes", "no", "no", "uncertain"]):
+        store.add_verdict(study.id, "bob", verdict)
+    judged = {sid: v.verdict == "yes" for sid, v in store.latest_verdicts().items() if v.verdict != "uncertain"}
+    expected = {}
     for model in ("cnn", "mobilenetv2"):
+        pairs = []
+        for study in store.studies_by_id(sorted(judged)):
+            shown = [p.calibrated for i in study.images if i.status == "scored" and i.view_position.upper() != "LL"
+                     for p in i.predictions if p.model_name == model]
+            pairs.append((judged[study.id], max(shown)))
+        expected[model] = pairs
+
+    requested: list[int] = []
+    by_id = store.studies_by_id
+    monkeypatch.setattr(store, "studies", lambda *a, **k: pytest.fail("read every study"))
+    monkeypatch.setattr(store, "studies_by_id", lambda ids, *a, **k: requested.extend(ids) or by_id(ids, *a, **k))
+    result = against_reviews(store, ("LL",))
+    assert sorted(requested) == sorted(judged)
+    for model, pairs in expected.items():
         m = result["models"][model]
-        assert m["n"] >= 3 and m["tp"] + m["fn"] >= 3
+        y = [float(t) for t, _ in pairs]
+        p = [shown for _, shown in pairs]
+        assert m["n"] == len(pairs) and m["tp"] + m["fn"] == sum(y) and m["raw_only"] == 0
         assert m["sensitivity"] == m["tp"] / (m["tp"] + m["fn"])
+        assert m["observed"] == pytest.approx(sum(y) / len(y))
+        assert m["mean_probability"] == pytest.approx(sum(p) / len(p))
+        assert m["brier"] == pytest.approx(sum((a - b) ** 2 for a, b in zip(p, y)) / len(y))
+        assert m["auc"] is not None and 0.0 <= m["ece"] <= 1.0
+    assert result["uncertain_left_out"] >= 1
     with pytest.raises(ValueError, match="verdict must be one of"):
         store.add_verdict(1, "bob", "maybe")
 

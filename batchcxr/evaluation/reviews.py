@@ -1,43 +1,101 @@
-"""How the models do on this hospital's images: study results against reviewers' verdicts."""
+"""How the models do on this hospital's images: study results against reviewers' verdicts.
+
+Only the reviewed studies are read (by id, a chunk at a time), so the cost follows the number of
+verdicts, not the archive. Besides the calls at each model's threshold, the probabilities a
+reader sees (calibrated where the model has a calibration, else raw) are checked against the
+verdicts: a calibration fitted on the training data's validation split need not hold at another
+site (README: Models), and this is how a site finds out.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from batchcxr.report.render import study_view
+import numpy as np
+
+from batchcxr.evaluation.metrics import brier_score, expected_calibration_error, roc_auc
+from batchcxr.report.render import StudyView, study_view
 from batchcxr.store.repo import Store
+
+STUDY_CHUNK = 200
+CALIBRATION_BINS = 10
+
+
+@dataclass
+class _Tally:
+    """One model's calls and shown probabilities over the reviewed studies."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
+    truth: list[int] = field(default_factory=list)
+    shown: list[float] = field(default_factory=list)
+    raw_only: int = 0
+    """Studies whose probability had no calibration (older predictions, uncalibrated models)."""
+
+
+def shown_probabilities(view: StudyView) -> dict[str, tuple[float, bool]]:
+    """Per model, the study's probability as a reader sees it: the highest over its scored frontal
+    images of the calibrated probability (the raw one where there is none), and whether it was
+    calibrated."""
+    out: dict[str, tuple[float, bool]] = {}
+    for image in view.images:
+        if image.status != "scored" or not image.frontal:
+            continue
+        for r in image.results:
+            p = r.calibrated if r.calibrated is not None else r.probability
+            if r.name not in out or p > out[r.name][0]:
+                out[r.name] = (p, r.calibrated is not None)
+    return out
+
+
+def _reviewed_studies(store: Store, ids: list[int]) -> Iterator[Any]:
+    for i in range(0, len(ids), STUDY_CHUNK):
+        yield from store.studies_by_id(ids[i:i + STUDY_CHUNK])
+
+
+def _summary(t: _Tally) -> dict[str, Any]:
+    c = t.counts
+    n = sum(c.values())
+    pos, neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
+    y, p = np.array(t.truth), np.array(t.shown)
+    both = 0 < int(y.sum()) < len(y)
+    return {
+        **c, "n": n,
+        "accuracy": (c["tp"] + c["tn"]) / n if n else None,
+        "sensitivity": c["tp"] / pos if pos else None,
+        "specificity": c["tn"] / neg if neg else None,
+        "auc": roc_auc(y, p) if both else None,
+        "ece": expected_calibration_error(y, p, CALIBRATION_BINS) if len(y) else None,
+        "brier": brier_score(y, p) if len(y) else None,
+        "mean_probability": float(p.mean()) if len(p) else None,
+        "observed": float(y.mean()) if len(y) else None,
+        "raw_only": t.raw_only,
+    }
 
 
 def against_reviews(store: Store, lateral_views: tuple[str, ...]) -> dict[str, Any]:
-    """Per model: counts and accuracy / sensitivity / specificity over studies whose latest verdict
-    is yes or no (PNEUMONIA / NORMAL)."""
+    """Per model, over studies whose latest verdict is yes or no (PNEUMONIA / NORMAL): counts,
+    accuracy / sensitivity / specificity of the calls, and AUC, expected calibration error, Brier
+    score, mean shown probability and observed share of pneumonia of the shown probabilities."""
     latest = store.latest_verdicts()
-    per_model: dict[str, dict[str, int]] = {}
-    uncertain = 0
-    for study in store.studies():
-        v = latest.get(study.id)
-        if v is None:
-            continue
-        if v.verdict == "uncertain":
-            uncertain += 1
-            continue
-        truth = v.verdict == "yes"
+    uncertain = sum(v.verdict == "uncertain" for v in latest.values())
+    ids = sorted(sid for sid, v in latest.items() if v.verdict != "uncertain")
+    tallies: dict[str, _Tally] = {}
+    for study in _reviewed_studies(store, ids):
+        truth = latest[study.id].verdict == "yes"
         view = study_view(study, lateral_views)
+        shown = shown_probabilities(view)
         for model, label in view.labels.items():
-            c = per_model.setdefault(model, {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
+            t = tallies.setdefault(model, _Tally())
             called = label == "PNEUMONIA"
-            c[("t" if called == truth else "f") + ("p" if called else "n")] += 1
-    out: dict[str, Any] = {"uncertain_left_out": uncertain, "models": {}}
-    for model, c in sorted(per_model.items()):
-        n = sum(c.values())
-        pos, neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
-        out["models"][model] = {
-            **c, "n": n,
-            "accuracy": (c["tp"] + c["tn"]) / n if n else None,
-            "sensitivity": c["tp"] / pos if pos else None,
-            "specificity": c["tn"] / neg if neg else None,
-        }
-    return out
+            t.counts[("t" if called == truth else "f") + ("p" if called else "n")] += 1
+            p, calibrated = shown[model]
+            t.truth.append(int(truth))
+            t.shown.append(p)
+            t.raw_only += not calibrated
+    return {"uncertain_left_out": uncertain,
+            "models": {model: _summary(t) for model, t in sorted(tallies.items())}}
 
 
 def format_review_metrics(r: dict[str, Any]) -> str:
@@ -48,5 +106,15 @@ def format_review_metrics(r: dict[str, Any]) -> str:
     for model, m in r["models"].items():
         lines.append(f"{model:<14} {m['n']:>7} {fmt(m['accuracy']):>9} {fmt(m['sensitivity']):>12} "
                      f"{fmt(m['specificity']):>12}   {m['tp']} {m['fp']} {m['tn']} {m['fn']}")
+    lines.append("")
+    lines.append("the probabilities readers see (calibrated where the model has a calibration), "
+                 "against the verdicts:")
+    lines.append(f"{'model':<14} {'AUC':>7} {'ECE':>7} {'Brier':>7} {'mean P':>7} {'observed':>9}")
+    for model, m in r["models"].items():
+        raw = f"   ({m['raw_only']} uncalibrated)" if m["raw_only"] else ""
+        lines.append(f"{model:<14} {fmt(m['auc']):>7} {fmt(m['ece']):>7} {fmt(m['brier']):>7} "
+                     f"{fmt(m['mean_probability']):>7} {fmt(m['observed']):>9}{raw}")
+    lines.append("mean P well above (below) observed: the shown probabilities run high (low) at this site; "
+                 "ECE over 10 equal-width bins, noisy below a few hundred studies")
     lines.append(f"uncertain verdicts left out: {r['uncertain_left_out']}")
     return "\n".join(lines)
