@@ -87,6 +87,22 @@ def test_area_shrink_refuses_to_enlarge_and_the_contract_still_does():
     assert np.array_equal(to_model_input(small)[..., 0], expected)
 
 
+def test_model_input_is_opencvs_area_resize_unless_a_block_is_partial():
+    """The contract's resize itself (cv2.INTER_AREA) for any frame but a block shrink with a
+    partial last block, which only ``area_shrink`` can weigh."""
+    rng = np.random.default_rng(3)
+    gray = cv2.GaussianBlur(rng.integers(0, 256, (1400, 1046), dtype=np.uint8), (0, 0), 5)
+    opencv = cv2.resize(gray, (224, 224), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(to_model_input(gray)[..., 0], opencv)
+    shrunk, cover = block_shrink(gray, 2)
+    assert not cover.partial
+    assert np.array_equal(to_model_input(shrunk, cover=cover)[..., 0],
+                          cv2.resize(shrunk, (224, 224), interpolation=cv2.INTER_AREA))
+    shrunk, cover = block_shrink(gray[:1399], 2)
+    assert cover.partial
+    assert np.array_equal(to_model_input(shrunk, cover=cover)[..., 0], area_shrink(shrunk, 224, cover))
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32])
 def test_block_shrink_averages_whole_blocks_and_the_cut_ones_by_the_pixels_they_have(dtype):
     rng = np.random.default_rng(7)
