@@ -174,7 +174,7 @@ def test_occlusion_metrics_tell_a_lung_reader_from_a_shortcut():
 def test_review_probability_is_the_highest_calibrated_frontal_one():
     """What a study's reader saw: calibrated where the model has a calibration, raw where not;
     lateral and unscored images left out."""
-    from batchcxr.evaluation.reviews import shown_probabilities
+    from batchcxr.evaluation.reviews import shown_results
     from batchcxr.report.render import ImageView, ModelResult, StudyView
 
     def image(frontal: bool, status: str, *results: ModelResult) -> ImageView:
@@ -190,4 +190,6 @@ def test_review_probability_is_the_highest_calibrated_frontal_one():
         image(False, "scored", result("a", 0.99, 0.99), result("b", 0.99, None)),  # lateral
         image(True, "failed", result("a", 0.99, 0.99)),
     ])
-    assert shown_probabilities(view) == {"a": (0.75, True), "b": (0.4, False)}
+    shown = shown_results(view)
+    assert (shown["a"].probability, shown["a"].calibrated) == (0.8, 0.75)
+    assert (shown["b"].probability, shown["b"].calibrated) == (0.4, None)

@@ -195,6 +195,7 @@ def test_verdicts_csv_and_evaluate_against_reviews(site, monkeypatch):
         store.add_verdict(study.id, "bob", verdict)
     judged = {sid: v.verdict == "yes" for sid, v in store.latest_verdicts().items() if v.verdict != "uncertain"}
     expected = {}
+    versions = {m.name: m.version for m in site["scorer"].models}
     for model in ("cnn", "mobilenetv2"):
         pairs = []
         for study in store.studies_by_id(sorted(judged)):
@@ -209,8 +210,9 @@ def test_verdicts_csv_and_evaluate_against_reviews(site, monkeypatch):
     monkeypatch.setattr(store, "studies_by_id", lambda ids, *a, **k: requested.extend(ids) or by_id(ids, *a, **k))
     result = against_reviews(store, ("LL",))
     assert sorted(requested) == sorted(judged)
+    assert [(m["model"], m["version"]) for m in result["models"]] == sorted(versions.items())
     for model, pairs in expected.items():
-        m = result["models"][model]
+        m = next(m for m in result["models"] if m["model"] == model)
         y = [float(t) for t, _ in pairs]
         p = [shown for _, shown in pairs]
         assert m["n"] == len(pairs) and m["tp"] + m["fn"] == sum(y) and m["raw_only"] == 0

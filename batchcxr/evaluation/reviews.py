@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from batchcxr.evaluation.metrics import brier_score, expected_calibration_error, roc_auc
-from batchcxr.report.render import StudyView, study_view
+from batchcxr.report.render import ModelResult, StudyView, study_view
 from batchcxr.store.repo import Store
 
 STUDY_CHUNK = 200
@@ -29,23 +29,26 @@ class _Tally:
 
     counts: dict[str, int] = field(default_factory=lambda: {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
     truth: list[int] = field(default_factory=list)
-    shown: list[float] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
     raw_only: int = 0
     """Studies whose probability had no calibration (older predictions, uncalibrated models)."""
 
 
-def shown_probabilities(view: StudyView) -> dict[str, tuple[float, bool]]:
-    """Per model, the study's probability as a reader sees it: the highest over its scored frontal
-    images of the calibrated probability (the raw one where there is none), and whether it was
-    calibrated."""
-    out: dict[str, tuple[float, bool]] = {}
+def shown(r: ModelResult) -> float:
+    """The probability a reader sees for a result: calibrated where there is a calibration."""
+    return r.calibrated if r.calibrated is not None else r.probability
+
+
+def shown_results(view: StudyView) -> dict[str, ModelResult]:
+    """Per model, the study's result as a reader sees it: of its scored frontal images, the one
+    with the highest shown probability (its call, version and probability)."""
+    out: dict[str, ModelResult] = {}
     for image in view.images:
         if image.status != "scored" or not image.frontal:
             continue
         for r in image.results:
-            p = r.calibrated if r.calibrated is not None else r.probability
-            if r.name not in out or p > out[r.name][0]:
-                out[r.name] = (p, r.calibrated is not None)
+            if r.name not in out or shown(r) > shown(out[r.name]):
+                out[r.name] = r
     return out
 
 
@@ -58,7 +61,7 @@ def _summary(t: _Tally) -> dict[str, Any]:
     c = t.counts
     n = sum(c.values())
     pos, neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
-    y, p = np.array(t.truth), np.array(t.shown)
+    y, p = np.array(t.truth), np.array(t.probabilities)
     both = 0 < int(y.sum()) < len(y)
     return {
         **c, "n": n,
@@ -75,46 +78,45 @@ def _summary(t: _Tally) -> dict[str, Any]:
 
 
 def against_reviews(store: Store, lateral_views: tuple[str, ...]) -> dict[str, Any]:
-    """Per model, over studies whose latest verdict is yes or no (PNEUMONIA / NORMAL): counts,
-    accuracy / sensitivity / specificity of the calls, and AUC, expected calibration error, Brier
-    score, mean shown probability and observed share of pneumonia of the shown probabilities."""
+    """Per model and version, over studies whose latest verdict is yes or no (PNEUMONIA / NORMAL):
+    counts, accuracy / sensitivity / specificity of the calls, and AUC, expected calibration error,
+    Brier score, mean and observed share of pneumonia of the probabilities shown (``shown_results``)."""
     latest = store.latest_verdicts()
     uncertain = sum(v.verdict == "uncertain" for v in latest.values())
     ids = sorted(sid for sid, v in latest.items() if v.verdict != "uncertain")
-    tallies: dict[str, _Tally] = {}
+    tallies: dict[tuple[str, str], _Tally] = {}
     for study in _reviewed_studies(store, ids):
         truth = latest[study.id].verdict == "yes"
-        view = study_view(study, lateral_views)
-        shown = shown_probabilities(view)
-        for model, label in view.labels.items():
-            t = tallies.setdefault(model, _Tally())
-            called = label == "PNEUMONIA"
+        for model, r in shown_results(study_view(study, lateral_views)).items():
+            t = tallies.setdefault((model, r.version), _Tally())  # a retrained model counts apart
+            called = r.label == "PNEUMONIA"
             t.counts[("t" if called == truth else "f") + ("p" if called else "n")] += 1
-            p, calibrated = shown[model]
             t.truth.append(int(truth))
-            t.shown.append(p)
-            t.raw_only += not calibrated
+            t.probabilities.append(shown(r))
+            t.raw_only += r.calibrated is None
     return {"uncertain_left_out": uncertain,
-            "models": {model: _summary(t) for model, t in sorted(tallies.items())}}
+            "models": [{"model": model, "version": version, **_summary(t)}
+                       for (model, version), t in sorted(tallies.items())]}
 
 
 def format_review_metrics(r: dict[str, Any]) -> str:
     if not r["models"]:
         return f"no reviewed studies with a yes/no verdict ({r['uncertain_left_out']} uncertain)"
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [f"{'model':<14} {'studies':>7} {'accuracy':>9} {'sensitivity':>12} {'specificity':>12}   TP FP TN FN"]
-    for model, m in r["models"].items():
-        lines.append(f"{model:<14} {m['n']:>7} {fmt(m['accuracy']):>9} {fmt(m['sensitivity']):>12} "
-                     f"{fmt(m['specificity']):>12}   {m['tp']} {m['fp']} {m['tn']} {m['fn']}")
+    lines = [f"{'model':<14} {'studies':>7} {'accuracy':>9} {'sensitivity':>12} {'specificity':>12}   TP FP TN FN"
+             "   version"]
+    for m in r["models"]:
+        lines.append(f"{m['model']:<14} {m['n']:>7} {fmt(m['accuracy']):>9} {fmt(m['sensitivity']):>12} "
+                     f"{fmt(m['specificity']):>12}   {m['tp']} {m['fp']} {m['tn']} {m['fn']}   {m['version']}")
     lines.append("")
     lines.append("the probabilities readers see (calibrated where the model has a calibration), "
                  "against the verdicts:")
     lines.append(f"{'model':<14} {'AUC':>7} {'ECE':>7} {'Brier':>7} {'mean P':>7} {'observed':>9}")
-    for model, m in r["models"].items():
+    for m in r["models"]:
         raw = f"   ({m['raw_only']} uncalibrated)" if m["raw_only"] else ""
-        lines.append(f"{model:<14} {fmt(m['auc']):>7} {fmt(m['ece']):>7} {fmt(m['brier']):>7} "
+        lines.append(f"{m['model']:<14} {fmt(m['auc']):>7} {fmt(m['ece']):>7} {fmt(m['brier']):>7} "
                      f"{fmt(m['mean_probability']):>7} {fmt(m['observed']):>9}{raw}")
     lines.append("mean P well above (below) observed: the shown probabilities run high (low) at this site; "
-                 "ECE over 10 equal-width bins, noisy below a few hundred studies")
+                 "ECE over 10 equal-width bins, noisy below a few hundred studies; each model version counts apart")
     lines.append(f"uncertain verdicts left out: {r['uncertain_left_out']}")
     return "\n".join(lines)
