@@ -9,7 +9,6 @@ site (README: Models), and this is how a site finds out.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,6 @@ from batchcxr.evaluation.metrics import brier_score, expected_calibration_error,
 from batchcxr.report.render import ModelResult, StudyView, study_view
 from batchcxr.store.repo import Store
 
-STUDY_CHUNK = 200
 CALIBRATION_BINS = 10
 
 
@@ -52,11 +50,6 @@ def shown_results(view: StudyView) -> dict[str, ModelResult]:
     return out
 
 
-def _reviewed_studies(store: Store, ids: list[int]) -> Iterator[Any]:
-    for i in range(0, len(ids), STUDY_CHUNK):
-        yield from store.studies_by_id(ids[i:i + STUDY_CHUNK])
-
-
 def _summary(t: _Tally) -> dict[str, Any]:
     c = t.counts
     n = sum(c.values())
@@ -83,9 +76,9 @@ def against_reviews(store: Store, lateral_views: tuple[str, ...]) -> dict[str, A
     Brier score, mean and observed share of pneumonia of the probabilities shown (``shown_results``)."""
     latest = store.latest_verdicts()
     uncertain = sum(v.verdict == "uncertain" for v in latest.values())
-    ids = sorted(sid for sid, v in latest.items() if v.verdict != "uncertain")
+    ids = [sid for sid, v in latest.items() if v.verdict != "uncertain"]
     tallies: dict[tuple[str, str], _Tally] = {}
-    for study in _reviewed_studies(store, ids):
+    for study in store.iter_studies_by_id(ids):
         truth = latest[study.id].verdict == "yes"
         for model, r in shown_results(study_view(study, lateral_views)).items():
             t = tallies.setdefault((model, r.version), _Tally())  # a retrained model counts apart

@@ -62,12 +62,11 @@ class Outbox:
         if not self.enabled:
             return 0
         ids, added = self.store.dicom_study_ids_touched_since(since), 0
-        for lo in range(0, len(ids), 200):
-            for study in sorted(self.store.studies_by_id(ids[lo : lo + 200]), key=lambda st: st.id):
-                try:
-                    added += self.enqueue_study(study)
-                except Exception:  # noqa: BLE001 - one study's objects must not stop the others
-                    log.exception("results of study %s not built", escape_controls(study.study_key))
+        for study in self.store.iter_studies_by_id(ids):
+            try:
+                added += self.enqueue_study(study)
+            except Exception:  # noqa: BLE001 - one study's objects must not stop the others
+                log.exception("results of study %s not built", escape_controls(study.study_key))
         return added
 
     def _findings(self, study) -> list[Finding]:

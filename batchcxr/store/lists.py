@@ -5,7 +5,7 @@ studies and at a million. Mixed into Store (store/repo.py)."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import and_, bindparam, exists, func, select, true, tuple_, update
@@ -132,6 +132,13 @@ class StudyLists:
             if with_images:
                 q = q.options(selectinload(Study.images).selectinload(Image.predictions))
             return list(s.scalars(q).all())
+
+    def iter_studies_by_id(self, ids: Sequence[int], chunk: int = 200) -> Iterator[Study]:
+        """The studies with these ids (with images and predictions), in id order, loaded ``chunk``
+        at a time so memory stays flat however many ids there are."""
+        ids = sorted(ids)
+        for lo in range(0, len(ids), chunk):
+            yield from sorted(self.studies_by_id(ids[lo : lo + chunk]), key=lambda st: st.id)
 
     def stale_studies(self, limit: int = 200, after_id: int = 0) -> list[Study]:
         """Studies whose report page is out of date (with images and predictions), by id."""
