@@ -342,6 +342,7 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
     from filelock import FileLock, Timeout
     from tqdm import tqdm
 
+    from batchcxr.errors import ModelLoadError
     from batchcxr.ingest.files import walk
     from batchcxr.prepare_stage import early_decoders
     from batchcxr.signals import StopNow
@@ -384,6 +385,9 @@ def score(path: Path, config: Path | None, db_url: str | None, reports_dir: Path
         except StopNow as exc:
             log.error("%s (the run is recorded as interrupted)", exc)
             sys.exit(EXIT_INTERRUPTED)
+        except ModelLoadError as exc:  # a session made while the first files were read
+            log.error("cannot start: %s (the run is recorded as interrupted)", exc)
+            sys.exit(EXIT_CANNOT_RUN)
         except OSError as exc:
             from batchcxr.worker import describe_fault
 
@@ -628,6 +632,7 @@ def watch(drop_dir: Path, config: Path | None, db_url: str | None, reports_dir: 
     try:
         store = _open_store(settings, upgrade=False)  # the watcher migrates, retrying while the database is down
         scorer = Scorer.from_settings(settings, store)
+        scorer.wait_for_models()  # a daemon that cannot score says so at start, not at its first file
     except Exception as exc:  # noqa: BLE001
         logging.getLogger("batchcxr").error("cannot start: %s", exc)
         sys.exit(EXIT_CANNOT_RUN)

@@ -32,3 +32,8 @@ class NotRegularFile(InputError):
 
 class FileTooLarge(InputError):
     """Larger than ``max_file_bytes``: refused before reading."""
+
+
+class ModelLoadError(BatchcxrError):
+    """ONNX Runtime could not open a model's graph (its card and hash were fine): nothing can be
+    scored until the model is replaced or ONNX Runtime fixed."""

@@ -28,9 +28,9 @@ from pathlib import Path
 
 from batchcxr import metrics
 from batchcxr.domain import Deferred, FailStage, FileKind, ImageStatus, PreparedImage, Rejection, SourceFile, Stored
-from batchcxr.errors import InputError
+from batchcxr.errors import InputError, ModelLoadError
 from batchcxr.infer.lungs import LungModel, load_lung_model
-from batchcxr.infer.runtime import RUN_CHUNK, ScoringModel, load_scoring_model
+from batchcxr.infer.runtime import RUN_CHUNK, LoadingSession, ScoringModel, load_scoring_model
 from batchcxr.ingest.files import FileIdentity, read_regular, walk
 from batchcxr.normalize.contract import finish_batch
 from batchcxr.normalize.lungfield import check_lungs
@@ -302,9 +302,28 @@ class Scorer:
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> Scorer:
+        """The Scorer of ``settings``' models. Their cards and hashes are checked now; their ONNX
+        Runtime sessions are made on a thread of their own (~0.1 s), so a run claims and reads its
+        first files meanwhile: the first inference waits for them (``wait_for_models``)."""
         threads = model_threads(settings)
-        return cls(settings, store, [load_scoring_model(p, threads) for p in settings.models],
-                   load_lung_model(settings.lung_model, threads))
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchcxr-load")
+        try:
+            return cls(settings, store, [load_scoring_model(p, threads, loader) for p in settings.models],
+                       load_lung_model(settings.lung_model, threads, loader))
+        finally:
+            loader.shutdown(wait=False)  # the sessions already submitted are still made
+
+    def wait_for_models(self) -> None:
+        """Wait until every model's session is made.
+
+        Raises
+        ------
+        ModelLoadError
+            ONNX Runtime could not open one of the graphs.
+        """
+        for session in [m.session for m in self.models] + [self.lungs.session]:
+            if isinstance(session, LoadingSession):
+                session.ready()
 
     def adopt_dead_claims(self) -> list[str]:
         """Take over the claims of this host's dead processes (a crash, kill -9, the OOM killer);
@@ -420,6 +439,8 @@ class Scorer:
         else:
             try:
                 (kept, per_image, masks, rejected), seconds = gather_split(done.shares)
+            except ModelLoadError:
+                raise  # no model to run: not these files' fault, and no batch after them can be scored
             except Exception as exc:  # noqa: BLE001
                 log.exception("inference failed for a batch of %d", len(batch))
                 rejections = [Rejection(p.source, ImageStatus.FAILED, FailStage.INFER, f"inference failed: {exc}",

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from batchcxr.modelcard import read_card
+from batchcxr.modelcard import read_card, sha256_file
 from batchcxr.paths import DEMO_DIR, MODELS_DIR
 
-from tests.dicoms import dicom_file
+from tests.dicoms import chest_like, dicom_file
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -68,6 +68,43 @@ def test_bad_settings_exit_two_and_missing_models_exit_three(tmp_path):
     cfg.write_text(f'[batchcxr]\nbatch_size = 2\ndecode_workers = 1\nmodels = ["{tmp_path / "nope"}"]\n')
     out = _run("score", "in", "--config", str(cfg), cwd=tmp_path)
     assert out.returncode == 3 and "model card not found" in out.stderr
+
+
+def test_a_graph_onnx_runtime_cannot_open_stops_the_run_at_its_start(tmp_path):
+    """The sessions are made while the first files are read (Scorer.from_settings): a graph that
+    passes its card's hash but that ONNX Runtime cannot open still ends the run as 'cannot start'
+    (exit 3, the file named), and the run releases what it claimed."""
+    import sqlite3
+
+    models = tmp_path / "models"
+    for name in ("cnn", "mobilenetv2"):
+        shutil.copytree(MODELS_DIR / name, models / name, ignore=shutil.ignore_patterns("*.keras"))
+    broken = models / "mobilenetv2" / "scoring.onnx"
+    broken.write_bytes(b"not an ONNX graph" * 100)
+    card_file = models / "mobilenetv2" / "card.json"
+    card = json.loads(card_file.read_text())
+    card["scoring"]["sha256"] = sha256_file(broken)
+    card_file.write_text(json.dumps(card))
+    folder = tmp_path / "in"
+    for i in range(4):
+        dicom_file(folder / f"{i}.dcm", chest_like(seed=i))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[batchcxr]\nbatch_size = 2\ndecode_workers = 1\n'
+                   f'models = ["{models / "cnn"}", "{models / "mobilenetv2"}"]\n')
+    db = tmp_path / "r.sqlite"
+    out = _run("score", "in", "--config", str(cfg), "--db", str(db), "--reports", str(tmp_path / "rep"), cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    assert "cannot start" in out.stderr and f"{broken}: ONNX Runtime cannot open it" in out.stderr
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
+        assert con.execute("SELECT count(*) FROM claims").fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM predictions").fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM errors").fetchone() == (0,)  # not the files' fault
+    # the daemon waits for its sessions before it watches: it says so at start
+    (tmp_path / "drop").mkdir()
+    watch = _run("watch", str(tmp_path / "drop"), "--config", str(cfg), "--db", str(db), "--reports",
+                 str(tmp_path / "rep"), cwd=tmp_path)
+    assert watch.returncode == 3 and f"{broken}: ONNX Runtime cannot open it" in watch.stderr
 
 
 def test_train_refuses_outside_swap_without_a_lung_contract(tmp_path):

@@ -8,6 +8,7 @@ chest radiograph?), the lung outline in the reports and the Grad-CAM-in-lungs me
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,9 @@ class LungModel:
         return np.stack([d[0] for d in done]) if done else batch, [d[1] for d in done], probs
 
 
-def load_lung_model(model_dir: Path, threads: int = 1) -> LungModel:
-    """Open ``model_dir/scoring.onnx`` after checking it is the one its card names.
+def load_lung_model(model_dir: Path, threads: int = 1, loader: Executor | None = None) -> LungModel:
+    """Open ``model_dir/scoring.onnx`` after checking it is the one its card names (the session
+    on the ``loader`` thread, if given: see runtime.load_scoring_model).
 
     Raises
     ------
@@ -53,8 +55,10 @@ def load_lung_model(model_dir: Path, threads: int = 1) -> LungModel:
         If the card or the ONNX file is missing.
     ValueError
         If the file's sha256 differs from the card's, or the card is not a lung segmenter's.
+    ModelLoadError
+        If ONNX Runtime cannot open the graph (without a ``loader``; with one, at the first run).
     """
-    from batchcxr.infer.runtime import ort_session
+    from batchcxr.infer.runtime import open_session
 
     model_dir = Path(model_dir)
     card = read_card(model_dir)
@@ -65,6 +69,6 @@ def load_lung_model(model_dir: Path, threads: int = 1) -> LungModel:
         raise FileNotFoundError(f"{path}: lung segmenter graph not found")
     if sha256_file(path) != card["scoring"]["sha256"]:
         raise ValueError(f"{path}: sha256 differs from {model_dir / 'card.json'}")
-    session = ort_session(path, threads)
+    session = open_session(path, threads, loader)
     log.debug("loaded %s (%s)", card["name"], card["version"])
     return LungModel(card["name"], card["version"], session)

@@ -8,6 +8,7 @@ through it and normalizes the maps (infer/gradcam.py).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from batchcxr.domain import ModelOutput
+from batchcxr.errors import ModelLoadError
 from batchcxr.infer.gradcam import normalize_cams
 from batchcxr.modelcard import read_card, sha256_file
 from batchcxr.normalize.contract import equalize_of, finish_batch, lungs_of
@@ -83,8 +85,49 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def load_scoring_model(model_dir: Path, threads: int = 0) -> ScoringModel:
-    """Open ``model_dir/scoring.onnx`` after checking it is the one its card names.
+class LoadingSession:
+    """An ONNX Runtime session that another thread is creating (``ort_session``, ~0.1 s for the
+    three shipped graphs): ``run`` waits for it. A run's start then reads its first files while
+    the sessions are made, instead of after."""
+
+    def __init__(self, path: Path, future: Future) -> None:
+        self.path = path
+        self._future = future
+
+    def ready(self):
+        """The session, once made.
+
+        Raises
+        ------
+        ModelLoadError
+            ONNX Runtime could not open the graph (the file's name and ONNX Runtime's reason).
+        """
+        try:
+            return self._future.result()
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+            raise cannot_open(self.path, exc) from exc
+
+    def run(self, *args, **kwargs):
+        return self.ready().run(*args, **kwargs)
+
+
+def open_session(path: Path, threads: int, loader: Executor | None):
+    """``ort_session`` now, or (given a ``loader`` thread) a LoadingSession it makes meanwhile."""
+    if loader is None:
+        try:
+            return ort_session(path, threads)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+            raise cannot_open(path, exc) from exc
+    return LoadingSession(path, loader.submit(ort_session, path, threads))
+
+
+def cannot_open(path: Path, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(f"{path}: ONNX Runtime cannot open it: {exc}")
+
+
+def load_scoring_model(model_dir: Path, threads: int = 0, loader: Executor | None = None) -> ScoringModel:
+    """Open ``model_dir/scoring.onnx`` after checking it is the one its card names; with a
+    ``loader`` thread, the card and hash are checked now and the session is made on that thread.
 
     Raises
     ------
@@ -92,6 +135,8 @@ def load_scoring_model(model_dir: Path, threads: int = 0) -> ScoringModel:
         If the card or the ONNX file is missing (run ``batchcxr export-model``).
     ValueError
         If the file's sha256 differs from the card's.
+    ModelLoadError
+        If ONNX Runtime cannot open the graph (without a ``loader``; with one, at the first run).
     """
     model_dir = Path(model_dir)
     card = read_card(model_dir)
@@ -103,7 +148,7 @@ def load_scoring_model(model_dir: Path, threads: int = 0) -> ScoringModel:
         raise FileNotFoundError(f"{path}: scoring graph not found; run batchcxr export-model")
     if sha256_file(path) != scoring["sha256"]:
         raise ValueError(f"{path}: sha256 differs from {model_dir / 'card.json'}")
-    session = ort_session(path, threads)
+    session = open_session(path, threads, loader)
     log.debug("loaded %s (%s) for scoring", card["name"], card["version"])
     cal = card.get("calibration")
     return ScoringModel(card["name"], card["version"], float(card["threshold"]["value"]), session,
