@@ -259,12 +259,29 @@ def evaluate(model_dir: Path | None, data_dir: Path | None, validation: bool, ou
 
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="The training data (Kaggle root or its train folder): the card's validation split is used.")
 @click.option("--method", type=click.Choice(["platt", "temperature"]), default="platt", show_default=True)
-def calibrate(model_dir: Path, data_dir: Path, method: str) -> None:
+@click.option("--from-reviews", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Instead: fit Platt scaling on this site's reviewed studies in --db and write the model "
+                   "with it to this new folder (name it in the settings' models to use it).")
+@click.option("--min-per-class", type=int, default=50, show_default=True,
+              help="With --from-reviews: the fewest pneumonia and normal verdicts the fit needs.")
+@config_option
+@db_option
+def calibrate(model_dir: Path, data_dir: Path | None, method: str, out_dir: Path | None, min_per_class: int,
+              config: Path | None, db_url: str | None) -> None:
     """Fit a probability calibration on the model's validation split and record it in the card
-    (the model's version changes with it; labels do not)."""
+    (the model's version changes with it; labels do not).
+
+    With --from-reviews NEW_FOLDER: fit it on the studies this site's reviewers gave a yes / no
+    verdict (each study's highest frontal raw probability), after a 5-fold check of the refit
+    against the calibration in use on held-out studies; the shipped folder is left as it is."""
+    if out_dir is not None:
+        _calibrate_from_reviews(model_dir, out_dir, min_per_class, config, db_url)
+        return
+    if data_dir is None:
+        raise click.UsageError("--data is required (or use --from-reviews)")
     from batchcxr.evaluation.calibrate import calibrate_model
 
     data_dir = _train_folder(data_dir)
@@ -272,6 +289,27 @@ def calibrate(model_dir: Path, data_dir: Path, method: str) -> None:
     c = card["calibration"]
     click.echo(f"{card['name']}: {method} a={c['a']:.4f} b={c['b']:.4f}; validation ECE {c['validation_ece_before']:.4f}"
                f" -> {c['validation_ece_after']:.4f}; version {card['version']}")
+
+
+def _calibrate_from_reviews(model_dir: Path, out_dir: Path, min_per_class: int, config: Path | None,
+                            db_url: str | None) -> None:
+    from batchcxr.evaluation.site_calibration import recalibrate_from_reviews
+
+    settings = _settings(config, db_url=db_url)
+    store = _open_store(settings)
+    try:
+        card = recalibrate_from_reviews(model_dir, out_dir, store, settings.quality.lateral_views, min_per_class)
+    except (ValueError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        store.close()
+    c = card["calibration"]
+    h = c["site_heldout"]
+    click.echo(f"{card['name']}: fitted on {c['fitted_on']}: a={c['a']:.4f} b={c['b']:.4f}\n"
+               f"held out ({h['folds']} folds): ECE {h['ece_in_use']:.4f} with the calibration in use -> "
+               f"{h['ece_refit']:.4f} refitted; Brier {h['brier_in_use']:.4f} -> {h['brier_refit']:.4f}\n"
+               f"wrote {out_dir} (version {card['version']}); to score with it, name it in the settings' models "
+               f"(a new version: the next runs score files again)")
 
 
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 3, 4

@@ -117,9 +117,15 @@ def evidence_lines(m: dict[str, Any] | None) -> list[str]:
 
 
 def _calibration_line(c: dict[str, Any]) -> str:
-    return (f"**Calibration.** {c['method']} fitted on {c.get('fitted_on', 'validation')}: "
+    line = (f"**Calibration.** {c['method']} fitted on {c.get('fitted_on', 'validation')}: "
             f"a={c['a']:.4f}, b={c['b']:.4f} ({c['formula']}); the threshold on that scale is "
             f"{c['threshold_calibrated']:.4f}.")
+    h = c.get("site_heldout")
+    if h:  # batchcxr calibrate --from-reviews
+        line += (f" On held-out reviewed studies ({h['folds']} folds): ECE {h['ece_in_use']:.4f} with the "
+                 f"calibration it replaced, {h['ece_refit']:.4f} refitted; Brier {h['brier_in_use']:.4f} -> "
+                 f"{h['brier_refit']:.4f}. The test metrics below were measured with the calibration it replaced.")
+    return line
 
 
 def render_lungs_markdown(card: dict[str, Any]) -> str:
