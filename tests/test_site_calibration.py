@@ -42,15 +42,17 @@ def _site(store: Store, card: dict, studies: int, seed: int = 0) -> dict[str, tu
     judged study's (verdict, frontal raw probability) by study key."""
     rng = np.random.default_rng(seed)
     other = f"{card['name']}-{'0' * 12}-cabcd"  # another training's weights: not these raw probabilities
-    run = store.start_run("score", "/in", [card["version"], other])
-    items, truth = [], {}
+    items, newer, truth = [], [], {}
     for k in range(studies):
         key, raw = f"1.2.826.{k}", float(rng.uniform(0.02, 0.98))
-        items.append(_image(2 * k, key, [_output(card, card["version"], raw), _output(card, other, 0.999)]))
+        items.append(_image(2 * k, key, [_output(card, card["version"], raw)]))
         if k % 3 == 0:
             items.append(_image(2 * k + 1, key, [_output(card, card["version"], 0.999)], view="LL"))
+        if k % 2 == 0:  # a later run of other weights: the image's newest result, but not these weights'
+            newer.append(_image(2 * k, key, [_output(card, other, 0.999)]))
         truth[key] = (int(rng.random() < apply(raw, TRUE_A, TRUE_B)), raw)
-    assert store.record_scored(run, items) == []
+    assert store.record_scored(store.start_run("score", "/in", [card["version"]]), items) == []
+    assert store.record_scored(store.start_run("score", "/in", [other]), newer) == []
     ids = {s.study_key: s.id for s in store.studies()}
     for n, (key, (y, _)) in enumerate(truth.items()):
         store.add_verdict(ids[key], "reader", "uncertain" if n < 3 else ("yes" if y else "no"))

@@ -26,7 +26,6 @@ from batchcxr.evaluation.calibration import apply, fit_platt
 from batchcxr.evaluation.metrics import brier_score, expected_calibration_error
 from batchcxr.evaluation.reviews import CALIBRATION_BINS
 from batchcxr.modelcard import model_version, read_card, write_card
-from batchcxr.report.render import study_view
 from batchcxr.store.repo import Store
 
 FOLDS = 5
@@ -53,14 +52,17 @@ def review_pairs(store: Store, card: dict[str, Any], lateral_views: tuple[str, .
     """Verdict and raw probability of every study with a yes / no verdict that this model's weights
     scored (its latest verdict; uncertain ones are left out)."""
     prefix = weights_prefix(card)
+    lateral = {v.upper() for v in lateral_views}
     latest = store.latest_verdicts()
     ids = [sid for sid, v in latest.items() if v.verdict != "uncertain"]
     y, raw = [], []
     for study in store.iter_studies_by_id(ids):
-        probabilities = [r.probability for image in study_view(study, lateral_views).images
-                         if image.status == "scored" and image.frontal
-                         for r in image.results
-                         if r.name == card["name"] and (r.version == prefix or r.version.startswith(prefix + "-c"))]
+        # every prediction of these weights, also where a newer model scored the image since
+        probabilities = [p.probability for image in study.images
+                         if image.status == "scored" and image.view_position.upper() not in lateral
+                         for p in image.predictions
+                         if p.model_name == card["name"]
+                         and (p.model_version == prefix or p.model_version.startswith(prefix + "-c"))]
         if probabilities:
             y.append(int(latest[study.id].verdict == "yes"))
             raw.append(max(probabilities))
