@@ -98,6 +98,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
               help="Validation patients: shuffled, or the lowest-numbered of each name series (a temporal hold-out).")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True,
               help="Binary cross-entropy label smoothing (against over-confident scores).")
+@click.option("--mixup", type=float, default=0.0, show_default=True,
+              help="Mixup: blend each training image (and its label) with another by Beta(A, A) (0: none).")
 @click.option("--lungs", "lung_contract", type=click.Choice(["none", "crop", "mask", "crop+mask"]), default="none",
               show_default=True, help="Lung-field contract of the input (needs the lung segmenter, --lung-model).")
 @click.option("--lung-model", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -114,7 +116,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
           flip: bool, rotation: float, translation: float, contrast: float, brightness: float,
           corners: float, centre: float, outside: float, aspect: float, lung_guidance: float,
           lung_fields: str, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
-          limit_per_class: int | None, split_rule: str, label_smoothing: float, lung_contract: str,
+          limit_per_class: int | None, split_rule: str, label_smoothing: float, mixup: float, lung_contract: str,
           lung_model: Path | None, cnn_head: str, cnn_dense: str, tflite_path: Path) -> None:
     """Train one model; choose epochs and threshold on a patient-level validation split."""
     if model_name == "lungs":
@@ -156,6 +158,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         equalize=equalize,
         split=split_rule,  # type: ignore[arg-type]
         label_smoothing=label_smoothing,
+        mixup=mixup,
         lungs=lung_contract,
         lung_model=lung_model,
         cnn_head=cnn_head,

@@ -234,6 +234,27 @@ def test_lung_guided_batches_move_each_mask_with_its_image():
         assert not np.allclose(images.numpy() / 255, masks.numpy())  # the image's exposure did change
 
 
+def test_mixup_blends_images_labels_and_class_weights_alike():
+    """--mixup: each training image is blended with another of its batch, and its label and class
+    weight by the same amount (images 255 x their label stay 255 x their mixed label; class weights
+    1 and 3 stay 1 + 2 x the mixed label); validation batches are not mixed."""
+    from batchcxr.training.train import _dataset
+
+    y = np.arange(64) % 2
+    x = np.broadcast_to((y * 255).astype(np.uint8)[:, None, None, None], (64, 224, 224, 1)).copy()
+    labels = []
+    for images, mixed_y, weights in _dataset(x, y, 16, 3, mixup=0.4, class_weight={0: 1.0, 1: 3.0}):
+        images, mixed_y, weights = images.numpy(), mixed_y.numpy(), weights.numpy()
+        np.testing.assert_allclose(images[:, 0, 0, 0] / 255, mixed_y, atol=1e-5)
+        np.testing.assert_allclose(images.std(axis=(1, 2, 3)), 0, atol=1e-3)  # whole images blended
+        np.testing.assert_allclose(weights, 1 + 2 * mixed_y, atol=1e-5)
+        labels.extend(mixed_y)
+    labels = np.array(labels)
+    assert ((labels >= 0) & (labels <= 1)).all() and ((labels > 0.05) & (labels < 0.95)).sum() > 8
+    for images, plain in _dataset(x, y, 16, 3):
+        assert set(np.unique(plain.numpy())) <= {0, 1}
+
+
 def test_lung_guidance_moves_evidence_into_the_lungs():
     """A few steps of the guided loss on one batch lower its share of evidence outside the lung
     masks; the same steps without the term (weight 0) do not lower it as much."""

@@ -84,6 +84,8 @@ class TrainConfig:
     """How validation patients are chosen (see ``patient_split``)."""
     label_smoothing: float = 0.0
     """Binary cross-entropy label smoothing (0: none)."""
+    mixup: float = 0.0
+    """Mixup's Beta(alpha, alpha) for the training batches (0: none; ``mixed``)."""
     lungs: str = "none"
     """Lung-field contract of the input (normalize.lungfield.LUNG_CONTRACTS)."""
     lung_model: Path | None = None
@@ -116,13 +118,32 @@ def _class_weight(y: np.ndarray) -> dict[int, float]:
     return {k: float(n / (2 * max(c, 1))) for k, c in enumerate(counts)}
 
 
+def mixed(images, labels, weights, alpha: float, seed: int):
+    """Mixup (Zhang et al., 2018) of one batch: each image blended with another image of the batch
+    by lam ~ Beta(alpha, alpha), its label and its class weight by the same lam."""
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    g1, g2 = tf.random.gamma([n], alpha, seed=seed), tf.random.gamma([n], alpha, seed=seed + 1)
+    lam = g1 / tf.maximum(g1 + g2, 1e-12)
+    other = tf.random.shuffle(tf.range(n), seed=seed + 2)
+
+    def blend(v, w):
+        return w * v + (1 - w) * tf.gather(v, other)
+
+    return blend(images, lam[:, None, None, None]), blend(tf.cast(labels, tf.float32), lam), blend(weights, lam)
+
+
 def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augment: AugmentConfig | None = None,
-             lungs: np.ndarray | None = None, outside=None, guided: bool = False):
+             lungs: np.ndarray | None = None, outside=None, guided: bool = False, mixup: float = 0.0,
+             class_weight: dict[int, float] | None = None):
     """Batches of (float32 image, label); with ``augment``, shuffled and augmented. With
     ``lungs`` (each image's lung mask) and ``outside`` (architectures.outside_swapper), the
     outside of the lungs is swapped first, while masks and images still line up; with
     ``guided``, batches of ((image, lung mask), label) for guidance.lung_guided, the mask moved
-    by the same geometric augmentation as its image (stacked as a second channel)."""
+    by the same geometric augmentation as its image (stacked as a second channel). With
+    ``mixup`` (no lung masks), batches of (image, label, sample weight): augmented, then mixed
+    (``mixed``), each sample weighted by ``class_weight`` of its label, mixed alike."""
     import tensorflow as tf
 
     geometry = photometric = None
@@ -132,6 +153,8 @@ def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augment: Augme
     def augmented(a):
         return photometric(geometry(a, training=True), training=True)
 
+    if mixup > 0 and lungs is not None:
+        raise ValueError("mixup is not combined with --outside or --lung-guidance (their masks would need mixing too)")
     if lungs is None:
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         if augment is not None:
@@ -139,6 +162,9 @@ def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augment: Augme
         ds = ds.batch(batch).map(lambda a, b: (tf.cast(a, tf.float32), b))
         if augment is not None:
             ds = ds.map(lambda a, b: (augmented(a), b), num_parallel_calls=tf.data.AUTOTUNE)
+        if mixup > 0:
+            table = tf.constant([(class_weight or {}).get(k, 1.0) for k in (0, 1)], tf.float32)
+            ds = ds.map(lambda a, b: mixed(a, b, tf.gather(table, tf.cast(b, tf.int32)), mixup, seed))
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def swapped(a, m, b):
@@ -190,11 +216,12 @@ def _fit(model, cfg: TrainConfig, x_tr, y_tr, x_va, y_va, epochs: int, lr: float
     trainer = lung_guided(model, cfg.model, cfg.lung_guidance) if guided else model
     _compile(trainer, lr, cfg.label_smoothing)
     outside = outside_swapper(cfg.augment.outside, cfg.seed) if cfg.augment.outside > 0 else None
+    weights = _class_weight(y_tr)
     history = trainer.fit(
-        _dataset(x_tr, y_tr, cfg.batch_size, cfg.seed, cfg.augment, lungs_tr, outside, guided),
+        _dataset(x_tr, y_tr, cfg.batch_size, cfg.seed, cfg.augment, lungs_tr, outside, guided, cfg.mixup, weights),
         validation_data=_dataset(x_va, y_va, cfg.batch_size, cfg.seed),
         epochs=epochs,
-        class_weight=_class_weight(y_tr),
+        class_weight=None if cfg.mixup > 0 else weights,  # with mixup, in the batches (mixed with the labels)
         callbacks=_callbacks(cfg.patience),
         verbose=1,
     )
@@ -310,6 +337,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError("--outside needs a lung contract (--lungs): it swaps what lies outside the lung fields")
     if cfg.lung_guidance > 0 and cfg.lungs == "none":
         raise ValueError("--lung-guidance needs a lung contract (--lungs): it charges evidence outside the lung fields")
+    if cfg.mixup > 0 and (cfg.augment.outside > 0 or cfg.lung_guidance > 0):
+        raise ValueError("--mixup is not combined with --outside or --lung-guidance (their masks would need mixing too)")
     if cfg.lung_fields not in LUNG_FIELDS:
         raise ValueError(f"unknown lung fields {cfg.lung_fields!r} ({' or '.join(LUNG_FIELDS)})")
     start = time.monotonic()
@@ -369,6 +398,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     hyper["optimizer"] = "Adam"
     hyper["loss"] = "binary_crossentropy, class-weighted (n / (2 n_class))" + (
         f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""
+    ) + (
+        f", mixup Beta({cfg.mixup}, {cfg.mixup})" + (" (fine-tuning)" if cfg.model == "mobilenetv2" else "")
+        if cfg.mixup else ""
     ) + (
         f" + {cfg.lung_guidance} x share of positive evidence (activation x gradient at the Grad-CAM layer) "
         f"outside the lung fields ({cfg.lung_fields})" if cfg.lung_guidance else ""
