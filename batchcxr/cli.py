@@ -268,7 +268,7 @@ def evaluate(model_dir: Path | None, data_dir: Path | None, validation: bool, ou
 @click.option("--from-reviews", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Instead: fit Platt scaling on this site's reviewed studies in --db and write the model "
                    "with it to this new folder (name it in the settings' models to use it).")
-@click.option("--min-per-class", type=int, default=50, show_default=True,
+@click.option("--min-per-class", type=click.IntRange(min=5), default=50, show_default=True,
               help="With --from-reviews: the fewest pneumonia and normal verdicts the fit needs.")
 @config_option
 @db_option
@@ -281,6 +281,8 @@ def calibrate(model_dir: Path, data_dir: Path | None, method: str, out_dir: Path
     verdict (each study's highest frontal raw probability), after a 5-fold check of the refit
     against the calibration in use on held-out studies; the shipped folder is left as it is."""
     if out_dir is not None:
+        if data_dir is not None:
+            raise click.UsageError("--from-reviews fits on the reviewed studies in --db, not on --data: give one")
         _calibrate_from_reviews(model_dir, out_dir, min_per_class, config, db_url)
         return
     if data_dir is None:

@@ -105,6 +105,8 @@ def test_too_few_verdicts_refused(store, shipped, tmp_path):
     with pytest.raises(ValueError, match=f"at least 50 pneumonia and 50 normal .* there are {yes} and {len(judged) - yes}"):
         recalibrate_from_reviews(shipped, tmp_path / "out", store, ("LL",))
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="not a classifier's card"):
+        recalibrate_from_reviews(MODELS_DIR / "lungs", tmp_path / "out", store, ("LL",))
 
 
 def test_calibrate_from_reviews_on_the_command_line(shipped, tmp_path):

@@ -98,12 +98,15 @@ def recalibrate_from_reviews(model_dir: Path, out_dir: Path, store: Store, later
     Raises
     ------
     ValueError
-        Fewer than ``min_per_class`` yes or no verdicts on studies this model scored.
+        Fewer than ``min_per_class`` yes or no verdicts on studies this model scored, or not a
+        classifier's folder (the lung segmenter).
     FileExistsError
         ``out_dir`` exists already (a model folder is never overwritten).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     card = read_card(model_dir)
+    if card.get("model") == "lungs":
+        raise ValueError(f"{model_dir}: not a classifier's card (model {card.get('model')!r}): nothing to calibrate")
     pairs = review_pairs(store, card, lateral_views)
     positives = int(pairs.y.sum())
     negatives = len(pairs.y) - positives
