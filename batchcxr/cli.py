@@ -278,12 +278,12 @@ def calibrate(model_dir: Path, data_dir: Path | None, method: str, out_dir: Path
     (the model's version changes with it; labels do not).
 
     With --from-reviews NEW_FOLDER: fit it on the studies this site's reviewers gave a yes / no
-    verdict (each study's highest frontal raw probability), after a 5-fold check of the refit
+    verdict (each study's highest frontal raw probability), with a 5-fold check of the refit
     against the calibration in use on held-out studies; the shipped folder is left as it is."""
     if out_dir is not None:
         if data_dir is not None:
             raise click.UsageError("--from-reviews fits on the reviewed studies in --db, not on --data: give one")
-        _calibrate_from_reviews(model_dir, out_dir, min_per_class, config, db_url)
+        _calibrate_from_reviews(model_dir, out_dir, min_per_class, method, config, db_url)
         return
     if data_dir is None:
         raise click.UsageError("--data is required (or use --from-reviews)")
@@ -296,14 +296,15 @@ def calibrate(model_dir: Path, data_dir: Path | None, method: str, out_dir: Path
                f" -> {c['validation_ece_after']:.4f}; version {card['version']}")
 
 
-def _calibrate_from_reviews(model_dir: Path, out_dir: Path, min_per_class: int, config: Path | None,
+def _calibrate_from_reviews(model_dir: Path, out_dir: Path, min_per_class: int, method: str, config: Path | None,
                             db_url: str | None) -> None:
     from batchcxr.evaluation.site_calibration import recalibrate_from_reviews
 
     settings = _settings(config, db_url=db_url)
     store = _open_store(settings)
     try:
-        card = recalibrate_from_reviews(model_dir, out_dir, store, settings.quality.lateral_views, min_per_class)
+        card = recalibrate_from_reviews(model_dir, out_dir, store, settings.quality.lateral_views, min_per_class,
+                                        method)
     except (ValueError, FileExistsError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

@@ -96,6 +96,8 @@ def test_refit_on_reviews_writes_a_new_model_folder(store, shipped, tmp_path):
     assert c["threshold_calibrated"] == pytest.approx(float(apply(card["threshold"]["value"], c["a"], c["b"])))
     with pytest.raises(FileExistsError, match="exists already"):
         recalibrate_from_reviews(shipped, out, store, ("LL",))
+    warmer = recalibrate_from_reviews(shipped, tmp_path / "site" / "t", store, ("LL",), method="temperature")
+    assert warmer["calibration"]["b"] == 0.0 and warmer["calibration"]["method"] == "temperature scaling"
 
 
 def test_too_few_verdicts_refused(store, shipped, tmp_path):

@@ -75,7 +75,7 @@ def in_use(card: dict[str, Any], raw: np.ndarray) -> np.ndarray:
     return apply(raw, cal["a"], cal["b"]) if cal else raw
 
 
-def held_out(pairs: ReviewPairs, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+def held_out(pairs: ReviewPairs, folds: int = FOLDS, seed: int = 0, temperature_only: bool = False) -> np.ndarray:
     """Each study's probability under a Platt fit on the other folds (folds drawn per class)."""
     rng = np.random.default_rng(seed)
     fold = np.empty(len(pairs.y), dtype=np.int64)
@@ -85,15 +85,16 @@ def held_out(pairs: ReviewPairs, folds: int = FOLDS, seed: int = 0) -> np.ndarra
     out = np.empty(len(pairs.y))
     for k in range(folds):
         test = fold == k
-        a, b = fit_platt(pairs.y[~test], pairs.raw[~test])
+        a, b = fit_platt(pairs.y[~test], pairs.raw[~test], temperature_only)
         out[test] = apply(pairs.raw[test], a, b)
     return out
 
 
 def recalibrate_from_reviews(model_dir: Path, out_dir: Path, store: Store, lateral_views: tuple[str, ...],
-                             min_per_class: int = MIN_PER_CLASS) -> dict[str, Any]:
-    """Fit Platt scaling on this site's reviewed studies and write ``model_dir``'s copy with it to
-    ``out_dir``; returns the new card (its ``calibration`` holds the held-out comparison).
+                             min_per_class: int = MIN_PER_CLASS, method: str = "platt") -> dict[str, Any]:
+    """Fit Platt scaling (``method`` "temperature": its a only) on this site's reviewed studies and
+    write ``model_dir``'s copy with it to ``out_dir``; returns the new card (its ``calibration``
+    holds the held-out comparison).
 
     Raises
     ------
@@ -116,11 +117,12 @@ def recalibrate_from_reviews(model_dir: Path, out_dir: Path, store: Store, later
                          f"{negatives}")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: exists already; name a new folder for the recalibrated model")
-    before, after = in_use(card, pairs.raw), held_out(pairs)
-    a, b = fit_platt(pairs.y, pairs.raw)
+    temperature = method == "temperature"
+    before, after = in_use(card, pairs.raw), held_out(pairs, temperature_only=temperature)
+    a, b = fit_platt(pairs.y, pairs.raw, temperature)
     previous = card.get("calibration")
     card["calibration"] = {
-        "method": "Platt scaling of the logit",
+        "method": "temperature scaling" if temperature else "Platt scaling of the logit",
         "formula": "sigmoid(a * logit(p) + b)", "a": a, "b": b,
         "fitted_on": (f"{len(pairs.y)} reviewed studies of this site ({positives} pneumonia, {negatives} normal "
                       f"verdicts; each study's highest frontal raw probability), "
