@@ -315,7 +315,7 @@ def _calibrate_from_reviews(model_dir: Path, out_dir: Path, min_per_class: int, 
                f"held out ({h['folds']} folds): ECE {h['ece_in_use']:.4f} with the calibration in use -> "
                f"{h['ece_refit']:.4f} refitted; Brier {h['brier_in_use']:.4f} -> {h['brier_refit']:.4f}\n"
                f"wrote {out_dir} (version {card['version']}); to score with it, name it in the settings' models "
-               f"(a new version: the next runs score files again)")
+               f"(a new version: a run that meets a file scored before scores it again)")
 
 
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
