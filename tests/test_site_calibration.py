@@ -126,6 +126,9 @@ def test_calibrate_from_reviews_on_the_command_line(shipped, tmp_path):
                                "--from-reviews", str(out), "--db", url, *extra],
                               capture_output=True, text=True, timeout=120)
 
+    check = subprocess.run([sys.executable, "-m", "batchcxr.cli", "evaluate", "--against-reviews", "--db", url],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "batchcxr calibrate --model MODEL_FOLDER --from-reviews NEW_FOLDER" in check.stdout
     refused = run("--min-per-class", "1000")
     assert refused.returncode == 1 and "needs at least 1000 pneumonia" in refused.stderr and not out.exists()
     done = run()

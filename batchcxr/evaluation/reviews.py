@@ -112,4 +112,6 @@ def format_review_metrics(r: dict[str, Any]) -> str:
     lines.append("mean P well above (below) observed: the shown probabilities run high (low) at this site; "
                  "ECE over 10 equal-width bins, noisy below a few hundred studies; each model version counts apart")
     lines.append(f"uncertain verdicts left out: {r['uncertain_left_out']}")
+    lines.append("to refit a model's calibration on these studies: "
+                 "batchcxr calibrate --model MODEL_FOLDER --from-reviews NEW_FOLDER")
     return "\n".join(lines)
