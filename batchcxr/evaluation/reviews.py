@@ -70,16 +70,22 @@ def _summary(t: _Tally) -> dict[str, Any]:
     }
 
 
+def judged(store: Store) -> tuple[dict[int, bool], int]:
+    """Each study's latest verdict where it is yes or no (True: pneumonia), by study id, and how
+    many studies' latest verdict is uncertain (left out)."""
+    latest = store.latest_verdicts()
+    truths = {sid: v.verdict == "yes" for sid, v in latest.items() if v.verdict != "uncertain"}
+    return truths, len(latest) - len(truths)
+
+
 def against_reviews(store: Store, lateral_views: tuple[str, ...]) -> dict[str, Any]:
     """Per model and version, over studies whose latest verdict is yes or no (PNEUMONIA / NORMAL):
     counts, accuracy / sensitivity / specificity of the calls, and AUC, expected calibration error,
     Brier score, mean and observed share of pneumonia of the probabilities shown (``shown_results``)."""
-    latest = store.latest_verdicts()
-    uncertain = sum(v.verdict == "uncertain" for v in latest.values())
-    ids = [sid for sid, v in latest.items() if v.verdict != "uncertain"]
+    truths, uncertain = judged(store)
     tallies: dict[tuple[str, str], _Tally] = {}
-    for study in store.iter_studies_by_id(ids):
-        truth = latest[study.id].verdict == "yes"
+    for study in store.iter_studies_by_id(list(truths)):
+        truth = truths[study.id]
         for model, r in shown_results(study_view(study, lateral_views)).items():
             t = tallies.setdefault((model, r.version), _Tally())  # a retrained model counts apart
             called = r.label == "PNEUMONIA"

@@ -24,7 +24,7 @@ import numpy as np
 
 from batchcxr.evaluation.calibration import apply, fit_platt
 from batchcxr.evaluation.metrics import brier_score, expected_calibration_error
-from batchcxr.evaluation.reviews import CALIBRATION_BINS
+from batchcxr.evaluation.reviews import CALIBRATION_BINS, judged
 from batchcxr.modelcard import model_version, read_card, write_card
 from batchcxr.store.repo import Store
 
@@ -53,10 +53,9 @@ def review_pairs(store: Store, card: dict[str, Any], lateral_views: tuple[str, .
     scored (its latest verdict; uncertain ones are left out)."""
     prefix = weights_prefix(card)
     lateral = {v.upper() for v in lateral_views}
-    latest = store.latest_verdicts()
-    ids = [sid for sid, v in latest.items() if v.verdict != "uncertain"]
+    truths, _ = judged(store)
     y, raw = [], []
-    for study in store.iter_studies_by_id(ids):
+    for study in store.iter_studies_by_id(list(truths)):
         # every prediction of these weights, also where a newer model scored the image since
         probabilities = [p.probability for image in study.images
                          if image.status == "scored" and image.view_position.upper() not in lateral
@@ -64,7 +63,7 @@ def review_pairs(store: Store, card: dict[str, Any], lateral_views: tuple[str, .
                          if p.model_name == card["name"]
                          and (p.model_version == prefix or p.model_version.startswith(prefix + "-c"))]
         if probabilities:
-            y.append(int(latest[study.id].verdict == "yes"))
+            y.append(int(truths[study.id]))
             raw.append(max(probabilities))
     return ReviewPairs(np.array(y, dtype=np.int64), np.array(raw, dtype=np.float64))
 
