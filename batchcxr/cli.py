@@ -270,19 +270,29 @@ def evaluate(model_dir: Path | None, data_dir: Path | None, validation: bool, ou
                    "with it to this new folder (name it in the settings' models to use it).")
 @click.option("--min-per-class", type=click.IntRange(min=5), default=50, show_default=True,
               help="With --from-reviews: the fewest pneumonia and normal verdicts the fit needs.")
+@click.option("--shift-copies", type=click.IntRange(min=0, max=20), default=0, show_default=True,
+              help="With --data: fit also on this many copies of each validation film under simulated "
+                   "acquisition shift (exposure, contrast, blur, noise), for sites unlike the training hospital.")
+@click.option("--shift-seed", type=int, default=0, show_default=True, help="Seed of the shifted copies.")
 @config_option
 @db_option
 def calibrate(model_dir: Path, data_dir: Path | None, method: str, out_dir: Path | None, min_per_class: int,
-              config: Path | None, db_url: str | None) -> None:
+              shift_copies: int, shift_seed: int, config: Path | None, db_url: str | None) -> None:
     """Fit a probability calibration on the model's validation split and record it in the card
     (the model's version changes with it; labels do not).
 
     With --from-reviews NEW_FOLDER: fit it on the studies this site's reviewers gave a yes / no
     verdict (each study's highest frontal raw probability), with a 5-fold check of the refit
-    against the calibration in use on held-out studies; the shipped folder is left as it is."""
+    against the calibration in use on held-out studies; the shipped folder is left as it is.
+
+    With --shift-copies N: fit it on the validation split and N copies of each of its films as
+    other equipment might make them (evaluation/shift.py), less sure of itself on films unlike
+    the training hospital's."""
     if out_dir is not None:
         if data_dir is not None:
             raise click.UsageError("--from-reviews fits on the reviewed studies in --db, not on --data: give one")
+        if shift_copies:
+            raise click.UsageError("--shift-copies perturbs the validation films of --data, not reviewed studies")
         _calibrate_from_reviews(model_dir, out_dir, min_per_class, method, config, db_url)
         return
     if data_dir is None:
@@ -290,10 +300,13 @@ def calibrate(model_dir: Path, data_dir: Path | None, method: str, out_dir: Path
     from batchcxr.evaluation.calibrate import calibrate_model
 
     data_dir = _train_folder(data_dir)
-    card = calibrate_model(model_dir, data_dir, method)
+    card = calibrate_model(model_dir, data_dir, method, shift_copies, shift_seed)
     c = card["calibration"]
+    shift = c.get("shift")
     click.echo(f"{card['name']}: {method} a={c['a']:.4f} b={c['b']:.4f}; validation ECE {c['validation_ece_before']:.4f}"
-               f" -> {c['validation_ece_after']:.4f}; version {card['version']}")
+               f" -> {c['validation_ece_after']:.4f}"
+               + (f"; shifted copies ECE {shift['ece_before']:.4f} -> {shift['ece_after']:.4f}" if shift else "")
+               + f"; version {card['version']}")
 
 
 def _calibrate_from_reviews(model_dir: Path, out_dir: Path, min_per_class: int, method: str, config: Path | None,

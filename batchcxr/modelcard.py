@@ -120,6 +120,11 @@ def _calibration_line(c: dict[str, Any]) -> str:
     line = (f"**Calibration.** {c['method']} fitted on {c.get('fitted_on', 'validation')}: "
             f"a={c['a']:.4f}, b={c['b']:.4f} ({c['formula']}); the threshold on that scale is "
             f"{c['threshold_calibrated']:.4f}.")
+    shift = c.get("shift")
+    if shift:  # batchcxr calibrate --shift-copies
+        line += (f" ECE on the validation split {c['validation_ece_before']:.4f} raw, {c['validation_ece_after']:.4f} "
+                 f"calibrated; on its {shift['copies']} shifted copies of each film {shift['ece_before']:.4f} -> "
+                 f"{shift['ece_after']:.4f}.")
     h = c.get("site_heldout")
     if h:  # batchcxr calibrate --from-reviews
         line += (f" On held-out reviewed studies ({h['folds']} folds): ECE {h['ece_in_use']:.4f} with the "

@@ -8,36 +8,62 @@ from typing import Any
 import numpy as np
 
 from batchcxr.evaluation.calibration import apply, fit_platt
-from batchcxr.evaluation.evaluate import run_model
+from batchcxr.evaluation.evaluate import run_arrays
+from batchcxr.evaluation.shift import ShiftRanges, shifted_copies
 from batchcxr.evaluation.metrics import brier_score, expected_calibration_error
 from batchcxr.modelcard import model_version, read_card, write_card
 
 
-def calibrate_model(model_dir: Path, data_dir: Path, method: str = "platt") -> dict[str, Any]:
+def calibrate_model(model_dir: Path, data_dir: Path, method: str = "platt", shift_copies: int = 0,
+                    shift_seed: int = 0) -> dict[str, Any]:
     """Fit Platt scaling (or temperature only) on the card's validation split; record it in the
-    card with the validation ECE before and after. Test metrics are cleared (evaluate again)."""
+    card with the validation ECE before and after. Test metrics are cleared (evaluate again).
+
+    With ``shift_copies``, fit it on the validation split together with that many shifted copies
+    of each of its images (evaluation.shift: another site's exposure, contrast, blur and noise), and
+    record the ECE on those copies too."""
     from batchcxr.infer.runtime import load_scoring_model
+    from batchcxr.training.data import load_images
     from batchcxr.training.threshold import validation_split
 
     card = read_card(model_dir)
     card.pop("calibration", None)
     write_card(model_dir, card)  # score uncalibrated
     model = load_scoring_model(model_dir, threads=2)
-    done = run_model(model, validation_split(card, data_dir))
-    y, raw = done.y, np.array([o.probability for o in done.outputs])
-    a, b = fit_platt(y, raw, temperature_only=method == "temperature")
+    x, y = load_images(validation_split(card, data_dir))
+    raw = _raw(run_arrays(model, x, y))
+    fitted_on = "the patient-level validation split of train (test never used)"
+    fit_y, fit_raw, shifted = y, raw, None
+    if shift_copies > 0:
+        ranges = ShiftRanges()
+        shifted_y = np.tile(y, shift_copies)
+        shifted_raw = _raw(run_arrays(model, shifted_copies(x, shift_copies, shift_seed, ranges), shifted_y))
+        fit_y, fit_raw = np.concatenate([y, shifted_y]), np.concatenate([raw, shifted_raw])
+        fitted_on = (f"the patient-level validation split of train and {shift_copies} copies of each of its images "
+                     "under simulated acquisition shift (test never used)")
+        shifted = {"copies": shift_copies, "seed": shift_seed, "ranges": ranges.as_dict()}
+    a, b = fit_platt(fit_y, fit_raw, temperature_only=method == "temperature")
     calibrated = apply(raw, a, b)
     card["calibration"] = {
         "method": "Platt scaling of the logit" if method == "platt" else "temperature scaling",
         "formula": "sigmoid(a * logit(p) + b)", "a": a, "b": b,
-        "fitted_on": "the patient-level validation split of train (test never used)",
+        "fitted_on": fitted_on,
         "validation_ece_before": round(expected_calibration_error(y, raw), 4),
         "validation_ece_after": round(expected_calibration_error(y, calibrated), 4),
         "validation_brier_before": round(brier_score(y, raw), 4),
         "validation_brier_after": round(brier_score(y, calibrated), 4),
         "threshold_calibrated": float(apply(card["threshold"]["value"], a, b)),
     }
+    if shifted is not None:
+        shifted_y, shifted_raw = fit_y[len(y):], fit_raw[len(y):]
+        shifted["ece_before"] = round(expected_calibration_error(shifted_y, shifted_raw), 4)
+        shifted["ece_after"] = round(expected_calibration_error(shifted_y, apply(shifted_raw, a, b)), 4)
+        card["calibration"]["shift"] = shifted
     card["version"] = model_version(card["name"], card["weights"]["sha256"], card["calibration"])
     card["test_metrics"] = None
     write_card(model_dir, card)
     return card
+
+
+def _raw(done) -> np.ndarray:
+    return np.array([o.probability for o in done.outputs])

@@ -56,9 +56,15 @@ def run_model(model, items, lung_dir: Path = MODELS_DIR / "lungs", batch_size: i
               occlusions: bool = False) -> ModelRun:
     """A scoring model's outputs on labelled images as scoring makes them (lung contract, then
     equalization inside ``run``), with ``occlusions`` also on each OCCLUSIONS copy of the inputs."""
+    x, y = load_images(items)
+    return run_arrays(model, x, y, lung_dir, batch_size, occlusions)
+
+
+def run_arrays(model, x: np.ndarray, y: np.ndarray, lung_dir: Path = MODELS_DIR / "lungs", batch_size: int = 32,
+               occlusions: bool = False) -> ModelRun:
+    """``run_model`` on images already loaded: uint8 (N, 224, 224, 1) and their labels."""
     from batchcxr.infer.lungs import load_lung_model
 
-    x, y = load_images(items)
     lung = load_lung_model(lung_dir, threads=2)
     x_in, boxes, lung_probs = lung.transform(x, model.lungs)
 
