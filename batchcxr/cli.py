@@ -327,8 +327,52 @@ def _calibrate_from_reviews(model_dir: Path, out_dir: Path, min_per_class: int, 
     click.echo(f"{card['name']}: fitted on {c['fitted_on']}: a={c['a']:.4f} b={c['b']:.4f}\n"
                f"held out ({h['folds']} folds): ECE {h['ece_in_use']:.4f} with the calibration in use -> "
                f"{h['ece_refit']:.4f} refitted; Brier {h['brier_in_use']:.4f} -> {h['brier_refit']:.4f}\n"
-               f"wrote {out_dir} (version {card['version']}); to score with it, name it in the settings' models "
-               f"(a new version: a run that meets a file scored before scores it again)")
+               f"wrote {out_dir} (version {card['version']}); to score with it, name it in the settings' models, "
+               f"and give the films scored before its calibration with `batchcxr apply-calibration --model {out_dir}` "
+               f"(else a run that meets one scores it again)")
+
+
+@main.command("apply-calibration")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@config_option
+@db_option
+def apply_calibration(model_dir: Path, config: Path | None, db_url: str | None) -> None:
+    """Give the films these weights scored before this folder's calibration, without scoring them again.
+
+    After `calibrate --from-reviews` (or `--shift-copies`) made a new folder of the same weights:
+    each image with a prediction of those weights under another calibration gets one of this
+    folder's version (the same raw probability and Grad-CAM layer, this card's calibrated
+    probability and label), its study's report page is written again, and a run that meets the
+    file later finds it scored. Images the folder's version scored already are left alone; stopped
+    half-way, run it again."""
+    import socket
+    import time
+
+    from batchcxr.evaluation.site_calibration import apply_to_archive
+    from batchcxr.modelcard import read_card
+    from batchcxr.report.render import ReportWriter
+
+    card = read_card(model_dir)
+    if card.get("model") == "lungs":
+        raise click.ClickException(f"{model_dir}: the lung segmenter has no calibration to apply")
+    settings = _settings(config, db_url=db_url)
+    store = _open_store(settings)
+    try:
+        run_id = store.start_run("apply-calibration", str(model_dir), [card["version"]], host=socket.gethostname(),
+                                 pid=os.getpid())
+        status, written, start = "interrupted", 0, time.monotonic()
+        try:
+            written = apply_to_archive(model_dir, store, run_id)
+            status = "finished"
+        finally:
+            store.finish_run(run_id, scored=0, skipped=0, failed=0, unchanged=written,
+                             seconds=time.monotonic() - start, status=status)
+        index = ReportWriter(settings.reports_dir, settings.quality.lateral_views).write_pending(store, run_id)
+    finally:
+        store.close()
+    click.echo(f"{card['version']}: {written} predictions written without scoring again; report: {index.resolve()}")
+    if model_dir.resolve() not in {Path(m).resolve() for m in settings.models}:
+        click.echo(f"name {model_dir} in the settings' models, so new films are scored with it too")
 
 
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 3, 4

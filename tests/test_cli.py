@@ -122,3 +122,42 @@ def test_train_refuses_lung_guidance_without_a_lung_contract(tmp_path):
                "--lung-guidance", "1", cwd=tmp_path)
     assert out.returncode == 2 and "--lung-guidance needs a lung contract" in out.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_apply_calibration_gives_the_archive_a_new_calibration_without_scoring_again(tmp_path):
+    """Score the demo, make a copy of the MobileNetV2 folder with another calibration (as
+    `calibrate --from-reviews` would), apply it: the report pages show its probabilities, the
+    export carries its version beside the old one, and a run that names it meets every demo
+    film as unchanged (nothing decoded or scored again)."""
+    from batchcxr.evaluation.calibration import apply
+    from batchcxr.modelcard import model_version, write_card
+
+    shutil.copytree(DEMO_DIR, tmp_path / "demo")
+    assert _run("score", "demo", cwd=tmp_path).returncode == 0
+    site = tmp_path / "mobilenetv2-site"
+    shutil.copytree(MODELS_DIR / "mobilenetv2", site, ignore=shutil.ignore_patterns("*.keras"))
+    card = read_card(site)
+    card["calibration"] = dict(card["calibration"], a=0.5, b=-2.0, fitted_on="a test")
+    card["version"] = model_version(card["name"], card["weights"]["sha256"], card["calibration"])
+    write_card(site, card)
+
+    done = _run("apply-calibration", "--model", str(site), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"{card['version']}: 7 predictions written without scoring again" in done.stdout
+    assert f"name {site} in the settings' models" in done.stdout
+    rows = json.loads(_run("export", "--format", "json", cwd=tmp_path).stdout)
+    new = [r for r in rows if r["model_version"] == card["version"]]
+    assert len(new) == 7 and len(rows) == 21
+    old = {r["path"]: r for r in rows if r["model_name"] == "mobilenetv2" and r["model_version"] != card["version"]}
+    for r in new:
+        assert r["probability"] == old[r["path"]]["probability"] and r["label"] == old[r["path"]]["label"]
+        assert abs(r["calibrated_probability"] - float(apply(r["probability"], 0.5, -2.0))) < 1e-9
+    pages = list((tmp_path / "batchcxr-reports" / "studies").rglob("*.html"))
+    shown = [p.read_text() for p in pages if f"(calibrated {new[0]['calibrated_probability']:.2f})" in p.read_text()]
+    assert shown and all(card["version"] in text for text in shown)  # its page was written again with it
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[batchcxr]\nmodels = ["{MODELS_DIR / "cnn"}", "{site}"]\n')
+    again = _run("score", "demo", "--config", str(cfg), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "scored     0" in again.stdout and "unchanged  7" in again.stdout

@@ -27,7 +27,8 @@ def _image(k: int, study: str, outputs: list[ModelOutput], view: str = "PA") -> 
     prepared = PreparedImage(source, StudyInfo(study), ImageInfo(sop_instance_uid=f"1.2.3.{k}", modality="DX",
                                                                  view_position=view),
                              None, np.zeros((224, 224, 1), np.uint8), [], display_file=f"images/{k}.jpg")
-    return ScoredImage(prepared, outputs, f"images/{k}.jpg", {})
+    return ScoredImage(prepared, outputs, f"images/{k}.jpg", {o.model_name: f"images/{k}-{o.model_name}.png"
+                                                              for o in outputs})
 
 
 def _output(card: dict, version: str, raw: float) -> ModelOutput:
@@ -153,3 +154,57 @@ def test_platt_fit_converges_far_from_the_identity():
     r = apply(raw, a, b) - y
     ridge = 1e-3 * len(y)
     assert abs(np.sum(r * z) + ridge * (a - 1)) < 1e-6 and abs(np.sum(r) + ridge * b) < 1e-6
+
+
+def _predictions(store: Store) -> dict[tuple[str, str], tuple]:
+    from sqlalchemy import select
+
+    from batchcxr.store.schema import Image, Prediction
+
+    with store.read_session() as s:
+        rows = s.execute(select(Image.content_sha256, Prediction.model_version, Prediction.probability,
+                                Prediction.calibrated, Prediction.label, Prediction.heatmap_path, Prediction.run_id)
+                         .join(Image, Image.id == Prediction.image_id)).all()
+    return {(sha, version): rest for sha, version, *rest in rows}
+
+
+def test_a_new_calibration_is_applied_to_the_archive_without_scoring_again(store, shipped, tmp_path):
+    """apply_to_archive: each image these weights scored (under the shipped calibration) gets a
+    prediction of the new folder's version with the same raw probability and layer, the new
+    calibrated probability and the label at the new threshold; images of other weights and images
+    the new version scored already are left alone; the studies' pages go stale; a second pass
+    writes nothing; a run that meets the files later finds them scored."""
+    from batchcxr.evaluation.site_calibration import apply_to_archive
+
+    card = read_card(shipped)
+    _site(store, card, 400)
+    new = recalibrate_from_reviews(shipped, tmp_path / "site", store, ("LL",))
+    a, b = new["calibration"]["a"], new["calibration"]["b"]
+    # an image the new version scored itself (a file that came in after the refit): left as it is
+    store.record_scored(store.start_run("score", "/in", [new["version"]]),
+                        [_image(10**6, "9.9", [_output(new, new["version"], 0.5)])])
+    done_first = {f"{10**6:064x}"}
+    store.clear_stale([(s.id, s.updated_at) for s in store.studies()])
+    before = _predictions(store)
+    run_id = store.start_run("apply-calibration", str(tmp_path / "site"), [new["version"]])
+
+    written = apply_to_archive(tmp_path / "site", store, run_id)
+
+    after = _predictions(store)
+    old = {sha: row for (sha, version), row in before.items() if version == card["version"]}
+    assert written == len(old) == 400 + 134  # every frontal and lateral image the shipped version scored
+    for sha, (raw, _, label, layer, _) in old.items():
+        p, cal, new_label, new_layer, run = after[sha, new["version"]]
+        assert (p, new_layer, run) == (raw, layer, run_id) and layer.endswith("-mobilenetv2.png")
+        assert cal == pytest.approx(float(apply(raw, a, b)))
+        assert new_label == ("PNEUMONIA" if raw >= new["threshold"]["value"] else "NORMAL") == label
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing rewritten, nothing lost
+    for sha in done_first:
+        assert after[sha, new["version"]] == before[sha, new["version"]]
+    assert {version for _, version in after} == {card["version"], new["version"], f"{card['name']}-{'0' * 12}-cabcd"}
+    assert len(store.stale_studies(1000)) == 400  # each study of those images: its page shows the new probability
+    assert apply_to_archive(tmp_path / "site", store, run_id) == 0
+    known = store.already_done(list(old), [new["version"]])
+    assert set(known) == set(old) and {k.status for k in known.values()} == {"scored"}
+    with pytest.raises(ValueError, match="not a classifier's card"):
+        apply_to_archive(MODELS_DIR / "lungs", store, run_id)

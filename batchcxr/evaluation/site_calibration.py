@@ -140,3 +140,25 @@ def recalibrate_from_reviews(model_dir: Path, out_dir: Path, store: Store, later
     shutil.copytree(model_dir, out_dir)
     write_card(out_dir, card)
     return card
+
+
+def apply_to_archive(model_dir: Path, store: Store, run_id: int) -> int:
+    """Give every image scored before by ``model_dir``'s weights under another calibration this
+    folder's calibration and threshold (Store.restate): its version, with no film read or
+    scored again. Returns the number of predictions written.
+
+    Raises
+    ------
+    ValueError
+        Not a classifier's folder (the lung segmenter).
+    """
+    card = read_card(model_dir)
+    if card.get("model") == "lungs":
+        raise ValueError(f"{model_dir}: not a classifier's card (model {card.get('model')!r}): nothing to apply")
+    cal = card.get("calibration")
+
+    def calibrate(raw: float) -> float | None:
+        return float(apply(raw, cal["a"], cal["b"])) if cal else None
+
+    return store.restate(run_id, card["name"], weights_prefix(card), card["version"], float(card["threshold"]["value"]),
+                         calibrate)

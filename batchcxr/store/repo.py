@@ -14,13 +14,13 @@ import datetime as dt
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Table, bindparam, case, func, literal, select, update
+from sqlalchemy import Engine, Table, bindparam, case, exists, func, insert, literal, select, update
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, StatementError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from batchcxr.domain import ImageStatus, ModelOutput, PreparedImage, Rejection, StudyInfo
 from batchcxr.store.db import SQLITE_BUSY_TIMEOUT_S, make_engine, migrate
@@ -369,6 +369,44 @@ class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
                       "created_at"])
         self._refresh_studies(s, set(study_ids.values()))
         self._write_sources(s, run_id, [(i.prepared.source, ImageStatus.SCORED.value, "", "") for i in items], now)
+
+    def restate(self, run_id: int, name: str, weights: str, version: str, threshold: float,
+                calibrate: Callable[[float], float | None], chunk: int = 2000) -> int:
+        """Give each image these weights scored under another calibration (versions ``weights``
+        and ``weights``-c...) a prediction of ``version`` without running the model: the newest such
+        prediction's raw probability and Grad-CAM layer, ``calibrate(raw)``, the label at
+        ``threshold``, recorded by ``run_id``. Images that have a prediction of ``version`` are
+        left alone. Their studies' results are recomputed and their report pages marked stale.
+        One transaction per ``chunk`` images, in image order: a run stopped half-way is finished
+        by running it again. Returns the number of predictions written."""
+        newer = aliased(Prediction)
+        old = ((Prediction.model_name == name) & (Prediction.model_version != version)
+               & ((Prediction.model_version == weights) | Prediction.model_version.startswith(weights + "-c",
+                                                                                             autoescape=True))
+               & ~exists().where(newer.image_id == Prediction.image_id, newer.model_version == version))
+        written, after = 0, 0
+        while True:
+            with self.session() as s, s.begin():
+                ids = s.scalars(select(Prediction.image_id).where(old, Prediction.image_id > after)
+                                .group_by(Prediction.image_id).order_by(Prediction.image_id).limit(chunk)).all()
+                if not ids:
+                    return written
+                latest: dict[int, tuple[float, str, int]] = {}
+                for image_id, raw, layer, study_id in s.execute(
+                        select(Prediction.image_id, Prediction.probability, Prediction.heatmap_path, Image.study_id)
+                        .join(Image, Image.id == Prediction.image_id).where(old, Prediction.image_id.in_(ids))
+                        .order_by(Prediction.created_at, Prediction.id)):
+                    latest[image_id] = (raw, layer, study_id)  # the newest last
+                now = utcnow()
+                s.execute(insert(Prediction), [
+                    dict(image_id=image_id, model_version=version, run_id=run_id, model_name=name, probability=raw,
+                         calibrated=calibrate(raw), label="PNEUMONIA" if raw >= threshold else "NORMAL",
+                         threshold=threshold, heatmap_path=layer, created_at=now)
+                    for image_id, (raw, layer, _) in sorted(latest.items())])
+                touched = {study_id for _, _, study_id in latest.values()}
+                self._refresh_studies(s, touched)
+                s.execute(update(Study).where(Study.id.in_(sorted(touched))).values(report_stale=True, updated_at=now))
+                written, after = written + len(latest), ids[-1]
 
     def record_rejections(self, run_id: int, rejections: Sequence[Rejection]) -> list[RefusedRow]:
         """Error rows, and image/study rows for files recognisable as images; the same fallback
