@@ -75,6 +75,9 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--translation", type=float, default=0.0, show_default=True)
 @click.option("--contrast", type=float, default=0.0, show_default=True, help="RandomContrast factor.")
 @click.option("--brightness", type=float, default=0.0, show_default=True, help="RandomBrightness factor.")
+@click.option("--shift", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Probability of a simulated acquisition shift per image (exposure, contrast, blur, noise; "
+                   "evaluation/shift.py).")
 @click.option("--corners", type=float, default=0.0, show_default=True,
               help="Probability of blanking each corner square (burned-in markers).")
 @click.option("--centre", type=float, default=0.0, show_default=True,
@@ -113,7 +116,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
               show_default=True, help="ImageNet MobileNetV2 (int8 TFLite) for the backbone.")
 def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, learning_rate: float | None,
           batch_size: int, seed: int, val_fraction: float, patience: int, zoom: float, shear: float,
-          flip: bool, rotation: float, translation: float, contrast: float, brightness: float,
+          flip: bool, rotation: float, translation: float, contrast: float, brightness: float, shift: float,
           corners: float, centre: float, outside: float, aspect: float, lung_guidance: float,
           lung_fields: str, equalize: bool, fine_tune_from: str, head_epochs: int, threshold_rule: str,
           limit_per_class: int | None, split_rule: str, label_smoothing: float, mixup: float, lung_contract: str,
@@ -149,7 +152,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, epochs: int | None, le
         patience=patience,
         augment=AugmentConfig(zoom=zoom, shear=shear, horizontal_flip=flip, rotation=rotation,
                               translation=translation, contrast=contrast, brightness=brightness,
-                              corners=corners, centre=centre, outside=outside, aspect=aspect),
+                              corners=corners, centre=centre, outside=outside, aspect=aspect, shift=shift),
         head_epochs=head_epochs,
         fine_tune_from=fine_tune_from,
         tflite_path=tflite_path if model_name == "mobilenetv2" else None,

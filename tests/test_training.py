@@ -255,6 +255,30 @@ def test_mixup_blends_images_labels_and_class_weights_alike():
         assert set(np.unique(plain.numpy())) <= {0, 1}
 
 
+def test_shift_augmentation_perturbs_that_share_of_training_images():
+    """--shift P: about P of the training images get an acquisition-shift copy (evaluation.shift),
+    the rest pass unchanged; validation batches are never shifted."""
+    from batchcxr.training.architectures import AugmentConfig
+    from batchcxr.training.train import _dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(30, 220, (200, 224, 224, 1), dtype=np.uint8)
+    y = np.arange(200) % 2
+    plain = AugmentConfig(zoom=0.0, shear=0.0, horizontal_flip=False)
+    shifted = AugmentConfig(zoom=0.0, shear=0.0, horizontal_flip=False, shift=0.5)
+    seen = {}
+    for images, _ in _dataset(x, y, 50, 3, shifted):
+        for image in images.numpy():
+            match = [k for k in range(len(x)) if np.array_equal(image, x[k].astype(np.float32))]
+            seen[image.tobytes()] = bool(match)
+    unchanged = sum(seen.values())
+    assert len(seen) == 200 and 60 < unchanged < 140  # ~half shifted, each image once
+    for images, _ in _dataset(x, y, 50, 3, plain):
+        assert all(any(np.array_equal(i, x[k].astype(np.float32)) for k in range(len(x))) for i in images.numpy())
+    for k, (images, _) in enumerate(_dataset(x, y, 50, 3)):  # validation: in order, as they are
+        np.testing.assert_array_equal(images.numpy(), x[50 * k : 50 * k + 50].astype(np.float32))
+
+
 def test_lung_guidance_moves_evidence_into_the_lungs():
     """A few steps of the guided loss on one batch lower its share of evidence outside the lung
     masks; the same steps without the term (weight 0) do not lower it as much."""

@@ -48,6 +48,10 @@ class AugmentConfig:
     """Random horizontal-only zoom (fraction): changes the aspect ratio. The 224 px training images
     were squashed from originals whose width/height differs by class (train sample: NORMAL ~1.24,
     PNEUMONIA ~1.56), so the squash itself tells the classes apart; jitter makes it useless as a cue."""
+    shift: float = 0.0
+    """Probability of giving each image a simulated acquisition shift (evaluation.shift.perturb:
+    exposure curve, contrast, detector blur, noise), the one ``calibrate --shift-copies`` uses: on
+    shifted validation films the models' normals scored far higher, as the Kaggle test normals do."""
 
 
 def _training_only(name: str, seed: int, transform):
@@ -151,6 +155,34 @@ def build_augmenter(cfg: AugmentConfig, seed: int, part: str = "all"):
         if cfg.brightness > 0:
             steps.append(keras.layers.RandomBrightness(cfg.brightness, value_range=(0, 255), seed=seed))
     return keras.Sequential(steps or [keras.layers.Identity()], name="augment" if part == "all" else f"augment_{part}")
+
+
+def shift_function(probability: float, seed: int):
+    """A function of a float (N, H, W, 1) 0..255 batch tensor that gives each image, with
+    ``probability``, one evaluation.shift.perturb copy (numpy, seeded; for tf.data maps)."""
+    import threading
+
+    import numpy as np
+    import tensorflow as tf
+
+    from batchcxr.evaluation.shift import perturb
+
+    rng, lock = np.random.default_rng(seed), threading.Lock()
+
+    def shifted(batch: np.ndarray) -> np.ndarray:
+        out = batch.copy()
+        with lock:  # tf.data may call this from several threads; the generator is not thread-safe
+            for k in range(len(out)):
+                if rng.random() < probability:
+                    out[k] = perturb(np.clip(np.round(out[k]), 0, 255).astype(np.uint8), rng)
+        return out
+
+    def apply(x):
+        y = tf.numpy_function(shifted, [x], tf.float32, stateful=True)
+        y.set_shape(x.shape)
+        return y
+
+    return apply
 
 
 def _geometry_steps(cfg: AugmentConfig, seed: int) -> list:

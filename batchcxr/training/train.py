@@ -31,6 +31,7 @@ from batchcxr.training.architectures import (
     build_mobilenetv2,
     outside_swapper,
     set_trainable_from,
+    shift_function,
 )
 from batchcxr.training.data import (
     CLASSES,
@@ -147,11 +148,14 @@ def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augment: Augme
     import tensorflow as tf
 
     geometry = photometric = None
+    shifted = lambda a: a  # noqa: E731
     if augment is not None:
         geometry, photometric = build_augmenter(augment, seed, "geometry"), build_augmenter(augment, seed, "photometric")
+        if augment.shift > 0:
+            shifted = shift_function(augment.shift, seed)
 
     def augmented(a):
-        return photometric(geometry(a, training=True), training=True)
+        return shifted(photometric(geometry(a, training=True), training=True))
 
     if mixup > 0 and lungs is not None:
         raise ValueError("mixup is not combined with --outside or --lung-guidance (their masks would need mixing too)")
@@ -175,7 +179,7 @@ def _dataset(x: np.ndarray, y: np.ndarray, batch: int, seed: int, augment: Augme
         if not guided:
             return augmented(a), m, b
         both = geometry(tf.concat([a, m], axis=-1), training=True)
-        return photometric(both[..., :1], training=True), both[..., 1:], b
+        return shifted(photometric(both[..., :1], training=True)), both[..., 1:], b
 
     ds = tf.data.Dataset.from_tensor_slices((x, lungs, y))
     if augment is not None:
