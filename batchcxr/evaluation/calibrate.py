@@ -9,8 +9,8 @@ import numpy as np
 
 from batchcxr.evaluation.calibration import apply, fit_platt
 from batchcxr.evaluation.evaluate import run_arrays
-from batchcxr.evaluation.shift import ShiftRanges, shifted_copies
 from batchcxr.evaluation.metrics import brier_score, expected_calibration_error
+from batchcxr.evaluation.shift import ShiftRanges, shifted_copies
 from batchcxr.modelcard import model_version, read_card, write_card
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Table, bindparam, case, exists, func, insert, literal, select, update
+from sqlalchemy import Engine, Table, bindparam, case, exists, func, literal, select, update
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, StatementError
 from sqlalchemy.orm import Session, aliased, selectinload
 
@@ -398,11 +398,13 @@ class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
                         .order_by(Prediction.created_at, Prediction.id)):
                     latest[image_id] = (raw, layer, study_id)  # the newest last
                 now = utcnow()
-                s.execute(insert(Prediction), [
-                    dict(image_id=image_id, model_version=version, run_id=run_id, model_name=name, probability=raw,
-                         calibrated=calibrate(raw), label="PNEUMONIA" if raw >= threshold else "NORMAL",
-                         threshold=threshold, heatmap_path=layer, created_at=now)
-                    for image_id, (raw, layer, _) in sorted(latest.items())])
+                rows = [dict(image_id=image_id, model_version=version, run_id=run_id, model_name=name, probability=raw,
+                             calibrated=calibrate(raw), label="PNEUMONIA" if raw >= threshold else "NORMAL",
+                             threshold=threshold, heatmap_path=layer, created_at=now)
+                        for image_id, (raw, layer, _) in sorted(latest.items())]
+                # a watcher may score one of these images with ``version`` meanwhile: its row stands
+                s.execute(self._insert(Prediction).on_conflict_do_nothing(index_elements=["image_id", "model_version"]),
+                          rows)
                 touched = {study_id for _, _, study_id in latest.values()}
                 self._refresh_studies(s, touched)
                 s.execute(update(Study).where(Study.id.in_(sorted(touched))).values(report_stale=True, updated_at=now))
