@@ -153,7 +153,8 @@ def test_apply_calibration_gives_the_archive_a_new_calibration_without_scoring_a
         assert r["probability"] == old[r["path"]]["probability"] and r["label"] == old[r["path"]]["label"]
         assert abs(r["calibrated_probability"] - float(apply(r["probability"], 0.5, -2.0))) < 1e-9
     pages = list((tmp_path / "batchcxr-reports" / "studies").rglob("*.html"))
-    shown = [p.read_text() for p in pages if f"(calibrated {new[0]['calibrated_probability']:.2f})" in p.read_text()]
+    shown = [p.read_text() for p in pages if f"P(pneumonia) {new[0]['calibrated_probability']:.2f} <small>(calibrated"
+             in p.read_text()]
     assert shown and all(card["version"] in text for text in shown)  # its page was written again with it
 
     cfg = tmp_path / "c.toml"

@@ -388,8 +388,14 @@ def test_study_grouping_and_frontal_max(tmp_path, make_scorer):
 
     view = study_view(studies[study], ("LL",))
     for model in ("cnn", "mobilenetv2"):
-        expected = max(r["probability"] for r in rows if r["study_key"] == study and r["model_name"] == model)
-        assert view.scores[model] == pytest.approx(expected)
+        expected = max((r["probability"], r["calibrated_probability"]) for r in rows
+                       if r["study_key"] == study and r["model_name"] == model)
+        assert view.scores[model] == pytest.approx(expected[0])
+        assert view.calibrated[model] == pytest.approx(expected[1])  # what the page shows as P(pneumonia)
+    page = (scorer.settings.reports_dir / "studies" / f"{view.slug}.html").read_text()
+    for model in ("cnn", "mobilenetv2"):
+        assert (f"<strong>{model}</strong>: P(pneumonia) {view.calibrated[model]:.2f} <small>(calibrated; model score "
+                f"{view.scores[model]:.3f})</small>") in page
 
 
 def test_demo_copy_survives_without_shared(tmp_path, make_scorer):

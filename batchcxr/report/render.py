@@ -136,6 +136,9 @@ class StudyView(StudyFields):
     scores: dict[str, float] = field(default_factory=dict)
     """Study result per model: the highest frontal-image probability."""
     labels: dict[str, str] = field(default_factory=dict)
+    calibrated: dict[str, float | None] = field(default_factory=dict)
+    """That image's calibrated probability per model (None: the model has no calibration): what
+    the page shows as P(pneumonia)."""
 
     @property
     def n_images(self) -> int:
@@ -166,6 +169,7 @@ def study_view(study: Study, lateral_views: tuple[str, ...]) -> StudyView:
     images: list[ImageView] = []
     scores: dict[str, float] = {}
     labels: dict[str, str] = {}
+    calibrated: dict[str, float | None] = {}
     lateral = {v.upper() for v in lateral_views}
     for img in sorted(study.images, key=lambda i: i.path):
         frontal = img.view_position.upper() not in lateral
@@ -181,9 +185,8 @@ def study_view(study: Study, lateral_views: tuple[str, ...]) -> StudyView:
         if img.status == "scored" and frontal:
             for r in results:
                 if r.probability > scores.get(r.name, -1.0):
-                    scores[r.name] = r.probability
-                    labels[r.name] = r.label
-    return StudyView(**_fields(study), images=images, scores=scores, labels=labels)
+                    scores[r.name], labels[r.name], calibrated[r.name] = r.probability, r.label, r.calibrated
+    return StudyView(**_fields(study), images=images, scores=scores, labels=labels, calibrated=calibrated)
 
 
 def make_environment() -> Environment:
