@@ -122,7 +122,9 @@ class Outbox:
                      if pred is not None and pred.heatmap_path else None)
             if display is None or layer is None:
                 continue
-            text = f"{f.model_name}: P(pneumonia) {f.probability:.2f} -> {f.label}"
+            shown = (f"P(pneumonia) {f.calibrated:.2f}" if f.calibrated is not None  # as the study page says it
+                     else f"score {f.probability:.2f}")
+            text = f"{f.model_name}: {shown} -> {f.label}"
             if "sc" in wanted:
                 derived["sc"].append(gradcam_sc(record, f, overlay_rgb(display, layer, text), root))
             if "gsps" in wanted and f.image.rows and f.image.columns:
