@@ -372,17 +372,18 @@ class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
 
     def restate(self, run_id: int, name: str, weights: str, version: str, threshold: float,
                 calibrate: Callable[[float], float | None], chunk: int = 2000) -> int:
-        """Give each image these weights scored under another calibration (versions ``weights``
-        and ``weights``-c...) a prediction of ``version`` without running the model: the newest such
-        prediction's raw probability and Grad-CAM layer, ``calibrate(raw)``, the label at
-        ``threshold``, recorded by ``run_id``. Images that have a prediction of ``version`` are
-        left alone. Their studies' results are recomputed and their report pages marked stale.
-        One transaction per ``chunk`` images, in image order: a run stopped half-way is finished
-        by running it again. Returns the number of predictions written."""
+        """Give each image whose newest ``name`` prediction is of these weights under another
+        calibration (versions ``weights`` and ``weights``-c...) a prediction of ``version`` without
+        running the model: that prediction's raw probability and Grad-CAM layer, ``calibrate(raw)``,
+        the label at ``threshold``, recorded by ``run_id``. Images that have a prediction of
+        ``version``, or whose newest result is other weights', are left alone (a run naming
+        ``version`` scores the latter). Their studies' results are recomputed and their report pages
+        marked stale. One transaction per ``chunk`` images, in image order: a run stopped half-way
+        is finished by running it again. Returns the number of predictions written."""
         newer = aliased(Prediction)
-        old = ((Prediction.model_name == name) & (Prediction.model_version != version)
-               & ((Prediction.model_version == weights) | Prediction.model_version.startswith(weights + "-c",
-                                                                                             autoescape=True))
+        family = (Prediction.model_version == weights) | Prediction.model_version.startswith(weights + "-c",
+                                                                                             autoescape=True)
+        old = ((Prediction.model_name == name) & (Prediction.model_version != version) & family
                & ~exists().where(newer.image_id == Prediction.image_id, newer.model_version == version))
         written, after = 0, 0
         while True:
@@ -391,24 +392,28 @@ class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
                                 .group_by(Prediction.image_id).order_by(Prediction.image_id).limit(chunk)).all()
                 if not ids:
                     return written
-                latest: dict[int, tuple[float, str, int]] = {}
-                for image_id, raw, layer, study_id in s.execute(
-                        select(Prediction.image_id, Prediction.probability, Prediction.heatmap_path, Image.study_id)
-                        .join(Image, Image.id == Prediction.image_id).where(old, Prediction.image_id.in_(ids))
+                latest: dict[int, tuple[float, str, int, bool]] = {}
+                for image_id, raw, layer, study_id, ours in s.execute(
+                        select(Prediction.image_id, Prediction.probability, Prediction.heatmap_path, Image.study_id,
+                               family).join(Image, Image.id == Prediction.image_id)
+                        .where(Prediction.model_name == name, Prediction.image_id.in_(ids))
                         .order_by(Prediction.created_at, Prediction.id)):
-                    latest[image_id] = (raw, layer, study_id)  # the newest last
+                    latest[image_id] = (raw, layer, study_id, bool(ours))  # the newest last
+                latest = {k: v for k, v in latest.items() if v[3]}
                 now = utcnow()
                 rows = [dict(image_id=image_id, model_version=version, run_id=run_id, model_name=name, probability=raw,
                              calibrated=calibrate(raw), label="PNEUMONIA" if raw >= threshold else "NORMAL",
                              threshold=threshold, heatmap_path=layer, created_at=now)
-                        for image_id, (raw, layer, _) in sorted(latest.items())]
-                # a watcher may score one of these images with ``version`` meanwhile: its row stands
-                s.execute(self._insert(Prediction).on_conflict_do_nothing(index_elements=["image_id", "model_version"]),
-                          rows)
-                touched = {study_id for _, _, study_id in latest.values()}
-                self._refresh_studies(s, touched)
-                s.execute(update(Study).where(Study.id.in_(sorted(touched))).values(report_stale=True, updated_at=now))
-                written, after = written + len(latest), ids[-1]
+                        for image_id, (raw, layer, _, _) in sorted(latest.items())]
+                if rows:
+                    touched = {study_id for _, _, study_id, _ in latest.values()}
+                    # a watcher may score one of these images with ``version`` meanwhile: its row stands
+                    s.execute(self._insert(Prediction)
+                              .on_conflict_do_nothing(index_elements=["image_id", "model_version"]), rows)
+                    self._refresh_studies(s, touched)
+                    s.execute(update(Study).where(Study.id.in_(sorted(touched)))
+                              .values(report_stale=True, updated_at=now))
+                written, after = written + len(rows), ids[-1]
 
     def record_rejections(self, run_id: int, rejections: Sequence[Rejection]) -> list[RefusedRow]:
         """Error rows, and image/study rows for files recognisable as images; the same fallback
