@@ -351,13 +351,13 @@ def apply_calibration(model_dir: Path, config: Path | None, db_url: str | None) 
     import socket
     import time
 
-    from batchcxr.evaluation.site_calibration import apply_to_archive
-    from batchcxr.modelcard import read_card
+    from batchcxr.evaluation.site_calibration import apply_to_archive, classifier_card
     from batchcxr.report.render import ReportWriter
 
-    card = read_card(model_dir)
-    if card.get("model") == "lungs":
-        raise click.ClickException(f"{model_dir}: the lung segmenter has no calibration to apply")
+    try:
+        card = classifier_card(model_dir)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     settings = _settings(config, db_url=db_url)
     store = _open_store(settings)
     try:

@@ -33,16 +33,15 @@ def calibrate_model(model_dir: Path, data_dir: Path, method: str = "platt", shif
     x, y = load_images(validation_split(card, data_dir))
     raw = _raw(run_arrays(model, x, y))
     fitted_on = "the patient-level validation split of train (test never used)"
-    fit_y, fit_raw, shifted = y, raw, None
+    ranges = ShiftRanges()
+    shifted_y = np.tile(y, shift_copies)
+    shifted_raw = (_raw(run_arrays(model, shifted_copies(x, shift_copies, shift_seed, ranges), shifted_y))
+                   if shift_copies > 0 else raw[:0])
     if shift_copies > 0:
-        ranges = ShiftRanges()
-        shifted_y = np.tile(y, shift_copies)
-        shifted_raw = _raw(run_arrays(model, shifted_copies(x, shift_copies, shift_seed, ranges), shifted_y))
-        fit_y, fit_raw = np.concatenate([y, shifted_y]), np.concatenate([raw, shifted_raw])
         fitted_on = (f"the patient-level validation split of train and {shift_copies} copies of each of its images "
                      "under simulated acquisition shift (test never used)")
-        shifted = {"copies": shift_copies, "seed": shift_seed, "ranges": ranges.as_dict()}
-    a, b = fit_platt(fit_y, fit_raw, temperature_only=method == "temperature")
+    a, b = fit_platt(np.concatenate([y, shifted_y]), np.concatenate([raw, shifted_raw]),
+                     temperature_only=method == "temperature")
     calibrated = apply(raw, a, b)
     card["calibration"] = {
         "method": "Platt scaling of the logit" if method == "platt" else "temperature scaling",
@@ -54,11 +53,12 @@ def calibrate_model(model_dir: Path, data_dir: Path, method: str = "platt", shif
         "validation_brier_after": round(brier_score(y, calibrated), 4),
         "threshold_calibrated": float(apply(card["threshold"]["value"], a, b)),
     }
-    if shifted is not None:
-        shifted_y, shifted_raw = fit_y[len(y):], fit_raw[len(y):]
-        shifted["ece_before"] = round(expected_calibration_error(shifted_y, shifted_raw), 4)
-        shifted["ece_after"] = round(expected_calibration_error(shifted_y, apply(shifted_raw, a, b)), 4)
-        card["calibration"]["shift"] = shifted
+    if shift_copies > 0:
+        card["calibration"]["shift"] = {
+            "copies": shift_copies, "seed": shift_seed, "ranges": ranges.as_dict(),
+            "ece_before": round(expected_calibration_error(shifted_y, shifted_raw), 4),
+            "ece_after": round(expected_calibration_error(shifted_y, apply(shifted_raw, a, b)), 4),
+        }
     card["version"] = model_version(card["name"], card["weights"]["sha256"], card["calibration"])
     card["test_metrics"] = None
     write_card(model_dir, card)

@@ -42,6 +42,20 @@ class ReviewPairs:
     raw: np.ndarray
 
 
+def classifier_card(model_dir: Path) -> dict[str, Any]:
+    """The card of a classifier's folder.
+
+    Raises
+    ------
+    ValueError
+        The folder is the lung segmenter's: it has no calibration.
+    """
+    card = read_card(model_dir)
+    if card.get("model") == "lungs":
+        raise ValueError(f"{model_dir}: not a classifier's card (model {card.get('model')!r}): nothing to calibrate")
+    return card
+
+
 def weights_prefix(card: dict[str, Any]) -> str:
     """The part of a model version that names its weights (``model_version`` without calibration):
     predictions of any calibration of these weights share their raw probabilities."""
@@ -104,9 +118,7 @@ def recalibrate_from_reviews(model_dir: Path, out_dir: Path, store: Store, later
         ``out_dir`` exists already (a model folder is never overwritten).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    card = read_card(model_dir)
-    if card.get("model") == "lungs":
-        raise ValueError(f"{model_dir}: not a classifier's card (model {card.get('model')!r}): nothing to calibrate")
+    card = classifier_card(model_dir)
     pairs = review_pairs(store, card, lateral_views)
     positives = int(pairs.y.sum())
     negatives = len(pairs.y) - positives
@@ -152,9 +164,7 @@ def apply_to_archive(model_dir: Path, store: Store, run_id: int) -> int:
     ValueError
         Not a classifier's folder (the lung segmenter).
     """
-    card = read_card(model_dir)
-    if card.get("model") == "lungs":
-        raise ValueError(f"{model_dir}: not a classifier's card (model {card.get('model')!r}): nothing to apply")
+    card = classifier_card(model_dir)
     cal = card.get("calibration")
 
     def calibrate(raw: float) -> float | None:
