@@ -73,7 +73,7 @@ def _rows(n_studies: int, start_id: int, rng: random.Random, run_id: int, versio
                                   probability=p, calibrated=None, label=labels[name], threshold=0.5,
                                   heatmap_path=f"images/{sha[:24]}-{name}.png", created_at=day))
                 if p > results.get(name, [-1])[0]:
-                    results[name] = [p, labels[name]]
+                    results[name] = [p, labels[name], None]
             per_image.append(labels)
             sources.append(dict(path_hash=f"{image_id:064x}", path=path, device=1, inode=image_id, size=8_000_000,
                                 mtime_ns=int(day.timestamp() * 1e9), content_sha256=sha, status="scored", stage="",

@@ -396,6 +396,14 @@ def test_study_grouping_and_frontal_max(tmp_path, make_scorer):
     for model in ("cnn", "mobilenetv2"):
         assert (f"<strong>{model}</strong>: P(pneumonia) {view.calibrated[model]:.2f} <small>(calibrated; model score "
                 f"{view.scores[model]:.3f})</small>") in page
+    from batchcxr.report.render import study_row
+
+    row = study_row(studies[study])  # the worklists' row: the study's stored results, the same values
+    assert row.scores == pytest.approx(view.scores) and row.calibrated == pytest.approx(view.calibrated)
+    index = (scorer.settings.reports_dir / "index.html").read_text()
+    for model in ("cnn", "mobilenetv2"):
+        assert (f'title="P(pneumonia), calibrated; model score {view.scores[model]:.3f}">'
+                f"{view.calibrated[model]:.2f} {view.labels[model]}</span>") in index
 
 
 def test_demo_copy_survives_without_shared(tmp_path, make_scorer):

@@ -78,6 +78,48 @@ def test_writing_a_batch_twice_leaves_one_row_of_each(store):
     assert study.n_images == 5 and study.max_score == pytest.approx(0.5) and study.results["cnn"][1] == "PNEUMONIA"
 
 
+def test_study_results_carry_the_calibrated_probability_and_revision_0009_fills_it_in(db_url):
+    """A study's stored result per model is [probability, label, calibrated] of its highest frontal
+    image, what worklists show; a database whose rows were written before revision 0009 ([probability,
+    label]) gets each result's calibrated value from the prediction it came from on upgrade, on SQLite
+    and PostgreSQL; the worklist reads rows of either form."""
+    from sqlalchemy import text
+
+    from batchcxr.report.render import study_row
+
+    def item(k: int, study: str, p: float, calibrated: float | None) -> ScoredImage:
+        base = _item(k, study)
+        outputs = [dataclasses.replace(o, probability=p, calibrated=calibrated if o.model_name == "cnn" else None)
+                   for o in base.outputs]
+        return dataclasses.replace(base, outputs=outputs)
+
+    store = Store.open(db_url)
+    run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
+    items = [item(1, "1.2.3", 0.30, 0.21), item(2, "1.2.3", 0.70, 0.64), item(3, "1.2.4", 0.55, 0.47)]
+    assert store.record_scored(run, items) == []
+    want = {"1.2.3": {"cnn": [0.70, "PNEUMONIA", 0.64], "mnv2": [0.70, "PNEUMONIA", None]},
+            "1.2.4": {"cnn": [0.55, "PNEUMONIA", 0.47], "mnv2": [0.55, "PNEUMONIA", None]}}
+    assert {st.study_key: st.results for st in store.studies()} == want
+    with store.engine.begin() as conn:  # as an 0008 database left them
+        for st in store.studies():
+            old = {name: r[:2] for name, r in st.results.items()}
+            conn.execute(text("UPDATE studies SET results = :r WHERE id = :id"),
+                         dict(r=__import__("json").dumps(old), id=st.id))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0008'"))
+    old_rows = {st.study_key: study_row(st) for st in store.studies()}
+    assert old_rows["1.2.3"].calibrated == {"cnn": None, "mnv2": None} and old_rows["1.2.3"].scores["cnn"] == 0.70
+    before = {st.id: st.updated_at for st in store.studies()}
+    store.close()
+    store = Store.open(db_url)  # upgrades to head
+    try:
+        studies = store.studies()
+        assert {st.study_key: st.results for st in studies} == want
+        assert {st.id: st.updated_at for st in studies} == before  # nothing new to send anywhere
+        assert study_row(studies[0]).calibrated["cnn"] in (0.64, 0.47)
+    finally:
+        store.close()
+
+
 def test_a_page_written_from_an_old_state_leaves_its_study_stale(store):
     """clear_stale clears the studies whose page was written from their current state, in one
     statement; a study that changed after its page was rendered stays stale for the next writer."""

@@ -118,6 +118,8 @@ class StudyRow(StudyFields):
     scores: dict[str, float] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     flagged_disagree: bool = False
+    calibrated: dict[str, float | None] = field(default_factory=dict)
+    """The calibrated probability of each model's study result (None: the model has none)."""
 
     @property
     def max_score(self) -> float:
@@ -162,7 +164,8 @@ def _fields(study: Study) -> dict[str, Any]:
 def study_row(study: Study) -> StudyRow:
     results = study.results or {}
     return StudyRow(**_fields(study), n_images=study.n_images, scores={k: v[0] for k, v in results.items()},
-                    labels={k: v[1] for k, v in results.items()}, flagged_disagree=bool(study.disagree))
+                    labels={k: v[1] for k, v in results.items()}, flagged_disagree=bool(study.disagree),
+                    calibrated={k: v[2] if len(v) > 2 else None for k, v in results.items()})
 
 
 def study_view(study: Study, lateral_views: tuple[str, ...]) -> StudyView:

@@ -466,29 +466,29 @@ class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
         images = s.execute(select(Image.id, Image.study_id, Image.status, Image.view_position)
                            .where(Image.study_id.in_(ids))).all()
         preds = s.execute(select(Prediction.image_id, Prediction.model_name, Prediction.probability,
-                                 Prediction.label, Prediction.created_at, Prediction.id)
+                                 Prediction.label, Prediction.calibrated, Prediction.created_at, Prediction.id)
                           .join(Image, Image.id == Prediction.image_id).where(Image.study_id.in_(ids))
                           .order_by(Prediction.created_at, Prediction.id)).all()
-        latest: dict[int, dict[str, tuple[float, str]]] = defaultdict(dict)
-        for image_id, name, probability, label, _, _ in preds:
-            latest[image_id][name] = (probability, label)
-        per_study: dict[int, dict] = {sid: dict(scores={}, labels={}, disagree=False, n=0) for sid in ids}
+        latest: dict[int, dict[str, tuple[float, str, float | None]]] = defaultdict(dict)
+        for image_id, name, probability, label, calibrated, _, _ in preds:
+            latest[image_id][name] = (probability, label, calibrated)
+        per_study: dict[int, dict] = {sid: dict(best={}, disagree=False, n=0) for sid in ids}
         for image_id, study_id, status, view in images:
             agg = per_study[study_id]
             agg["n"] += 1
             results = latest.get(image_id, {})
-            if len({label for _, label in results.values()}) > 1:
+            if len({r[1] for r in results.values()}) > 1:
                 agg["disagree"] = True
             if status != ImageStatus.SCORED.value or (view or "").upper() in self.lateral_views:
                 continue
-            for name, (probability, label) in results.items():
-                if probability > agg["scores"].get(name, -1.0):
-                    agg["scores"][name], agg["labels"][name] = probability, label
+            for name, result in results.items():
+                if result[0] > agg["best"].get(name, (-1.0,))[0]:
+                    agg["best"][name] = result
         rows = []
         for sid, agg in per_study.items():
-            labels = set(agg["labels"].values())
-            results = {name: [p, agg["labels"][name]] for name, p in sorted(agg["scores"].items())}
-            rows.append(dict(b_id=sid, max_score=max(agg["scores"].values(), default=-1.0), results=results,
+            labels = {r[1] for r in agg["best"].values()}
+            results = {name: list(r) for name, r in sorted(agg["best"].items())}
+            rows.append(dict(b_id=sid, max_score=max((r[0] for r in agg["best"].values()), default=-1.0), results=results,
                              positive="PNEUMONIA" in labels, negative="NORMAL" in labels,
                              disagree=agg["disagree"] or len(labels) > 1, n_images=agg["n"]))
         table = Study.__table__

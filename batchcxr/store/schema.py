@@ -72,7 +72,8 @@ class Study(Base):
     """The models' labels differ on the study or on one of its images."""
     n_images: Mapped[int] = mapped_column(Integer, default=0)
     results: Mapped[dict | None] = mapped_column(JSON)
-    """Study result per model: {model name: [probability, label]} (highest frontal image)."""
+    """Study result per model: {model name: [probability, label, calibrated probability or None]}
+    (highest frontal image; rows written before revision 0009 may lack the third)."""
     conflict: Mapped[str] = mapped_column(Text, default="")
     """Set when images of this StudyInstanceUID name different patients (kept as data, never overwritten)."""
     report_stale: Mapped[bool] = mapped_column(Boolean, default=True)
