@@ -222,12 +222,17 @@ def threshold(model_dir: Path, data_dir: Path, rule: str) -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--update-card", is_flag=True, help="Write these metrics into the model card (test metrics, or "
                                                   "validation_evaluation with --validation).")
+@click.option("--shift-copies", type=click.IntRange(min=0, max=20), default=0, show_default=True,
+              help="Also score this many copies of each image under a simulated acquisition shift (exposure, "
+                   "contrast, blur, noise; evaluation/shift.py) and report AUC, accuracy and ECE on them.")
+@click.option("--shift-seed", type=int, default=0, show_default=True, help="Seed of the shifted copies.")
 @click.option("--against-reviews", is_flag=True,
               help="Instead: each model's study results against the radiologists' latest verdicts in --db.")
 @config_option
 @db_option
 def evaluate(model_dir: Path | None, data_dir: Path | None, validation: bool, out_dir: Path | None, batch_size: int,
-             update_card: bool, against_reviews: bool, config: Path | None, db_url: str | None) -> None:
+             update_card: bool, shift_copies: int, shift_seed: int, against_reviews: bool, config: Path | None,
+             db_url: str | None) -> None:
     """Accuracy, per-class precision/recall, ROC AUC, confusion matrix at the card's threshold;
     calibration (ECE, Brier, reliability plot), Grad-CAM mass inside the lung fields and where
     the peaks fall, and the quality gate's refusals. Runs the ONNX scoring graph, as scoring does.
@@ -250,7 +255,8 @@ def evaluate(model_dir: Path | None, data_dir: Path | None, validation: bool, ou
         raise click.UsageError("--model and --data are required (or use --against-reviews)")
     if validation:
         data_dir = _train_folder(data_dir)
-    metrics, y, scores = ev.evaluate(model_dir, data_dir, batch_size, validation=validation)
+    metrics, y, scores = ev.evaluate(model_dir, data_dir, batch_size, validation=validation,
+                                     shift_copies=shift_copies, shift_seed=shift_seed)
     out_dir = out_dir or Path("out") / "evaluate" / model_dir.name
     click.echo(ev.format_metrics(metrics))
     json_path = ev.write_results(metrics, out_dir)
@@ -259,6 +265,8 @@ def evaluate(model_dir: Path | None, data_dir: Path | None, validation: bool, ou
     if update_card:
         where = "chest_xray_224 --validation" if validation else f"chest_xray_224/{data_dir.name}"
         command = f"batchcxr evaluate --model models/{model_dir.name} --data <shared>/data/{where}"
+        if shift_copies:
+            command += f" --shift-copies {shift_copies}" + (f" --shift-seed {shift_seed}" if shift_seed else "")
         ev.update_card(model_dir, metrics, command, "validation_evaluation" if validation else "test_metrics")
         click.echo(f"updated {model_dir / 'card.json'} and card.md")
 

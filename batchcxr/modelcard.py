@@ -113,6 +113,12 @@ def evidence_lines(m: dict[str, Any] | None) -> list[str]:
     q = m.get("quality_gate")
     if q:
         lines.append(f"- quality gate: {q['refused']} of {q['of']} refused as not frontal chest radiographs")
+    s = m.get("shifted")
+    if s:  # batchcxr evaluate --shift-copies
+        ece = f"ECE raw {s['ece_raw']:.4f}" + (f", calibrated {s['ece_calibrated']:.4f}" if "ece_calibrated" in s else "")
+        lines.append(f"- {s['copies']} shifted copies of each image (seed {s['seed']}; exposure, contrast, blur, noise): "
+                     f"ROC AUC {s['roc_auc']:.4f}, accuracy {s['accuracy']:.4f}, recall NORMAL "
+                     f"{s['recall']['NORMAL']:.4f} / PNEUMONIA {s['recall']['PNEUMONIA']:.4f}, {ece}")
     return lines + [""] if lines else []
 
 

@@ -69,3 +69,31 @@ def test_shift_copies_are_refused_with_reviews(tmp_path):
     result = CliRunner().invoke(main, ["calibrate", "--model", str(MODELS_DIR / "cnn"), "--from-reviews",
                                        str(tmp_path / "new"), "--shift-copies", "2"])
     assert result.exit_code == 2 and "--shift-copies" in result.output
+
+
+def test_evaluate_reports_figures_on_shifted_copies(tmp_path, shared_data):
+    """`evaluate --shift-copies 2`: the figures on two shifted copies of each image beside the
+    plain ones, in the printed text, metrics.json and (with --update-card) the card and its command."""
+    import json
+
+    data = tmp_path / "data"
+    for name in ("NORMAL", "PNEUMONIA"):
+        (data / name).mkdir(parents=True)
+        for path in sorted((shared_data / "chest_xray_224" / "test" / name).iterdir())[:10]:
+            shutil.copy(path, data / name / path.name)
+    copy = tmp_path / "cnn"
+    shutil.copytree(MODELS_DIR / "cnn", copy)
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(copy), "--data", str(data), "--out",
+                                       str(tmp_path / "out"), "--shift-copies", "2", "--update-card"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    shifted = measured["shifted"]
+    assert shifted["n"] == 2 * measured["n"] == 40 and shifted["copies"] == 2 and shifted["seed"] == 0
+    assert shifted["ranges"] == ShiftRanges().as_dict()
+    assert shifted["ece_raw"] != measured["calibration"]["raw"]["ece"]  # other inputs, other scores
+    assert {"ece_calibrated", "roc_auc", "accuracy"} <= shifted.keys()
+    assert "2 shifted copies of each image (seed 0" in result.output
+    card = read_card(copy)
+    assert card["test_metrics"]["shifted"] == shifted
+    assert card["test_metrics"]["command"].endswith("--shift-copies 2")
+    assert "2 shifted copies of each image" in (copy / "card.md").read_text()
