@@ -246,6 +246,9 @@ def evaluate(model_dir: Path | None, data_dir: Path | None, validation: bool, ou
     if against_reviews:
         from batchcxr.evaluation.reviews import against_reviews as compare, format_review_metrics
 
+        if shift_copies:
+            raise click.UsageError("--shift-copies perturbs the images of --data, not reviewed studies")
+
         settings = _settings(config, db_url=db_url)
         store = _open_store(settings)
         click.echo(format_review_metrics(compare(store, settings.quality.lateral_views)))

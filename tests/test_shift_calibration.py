@@ -66,8 +66,12 @@ def test_calibrate_with_shifted_copies_is_less_sure_and_says_how_it_was_fitted(t
 
 
 def test_shift_copies_are_refused_with_reviews(tmp_path):
+    """calibrate --from-reviews and evaluate --against-reviews read reviewed studies: no images to perturb."""
     result = CliRunner().invoke(main, ["calibrate", "--model", str(MODELS_DIR / "cnn"), "--from-reviews",
                                        str(tmp_path / "new"), "--shift-copies", "2"])
+    assert result.exit_code == 2 and "--shift-copies" in result.output
+    result = CliRunner().invoke(main, ["evaluate", "--against-reviews", "--db", str(tmp_path / "r.sqlite"),
+                                       "--shift-copies", "2"])
     assert result.exit_code == 2 and "--shift-copies" in result.output
 
 
