@@ -80,34 +80,42 @@ def test_writing_a_batch_twice_leaves_one_row_of_each(store):
 
 def test_study_results_carry_the_calibrated_probability_and_revision_0009_fills_it_in(db_url):
     """A study's stored result per model is [probability, label, calibrated] of its highest frontal
-    image, what worklists show; a database whose rows were written before revision 0009 ([probability,
-    label]) gets each result's calibrated value from the prediction it came from on upgrade, on SQLite
-    and PostgreSQL; the worklist reads rows of either form."""
+    image, what worklists show, and they sort by the highest calibrated value (max_score); a database
+    whose rows were written before revision 0009 ([probability, label], max_score raw) gets each
+    result's calibrated value from the prediction it came from, and max_score from those, on upgrade,
+    on SQLite and PostgreSQL; the worklist reads rows of either form."""
     import json
 
     from sqlalchemy import text
 
     from batchcxr.report.render import study_row
+    from batchcxr.store.lists import WorklistFilter
 
     def item(k: int, study: str, p: float, calibrated: float | None) -> ScoredImage:
         base = _item(k, study)
         outputs = [dataclasses.replace(o, probability=p, calibrated=calibrated if o.model_name == "cnn" else None)
-                   for o in base.outputs]
+                   for o in base.outputs]  # mnv2 without a calibration: its raw score is what is shown
         return dataclasses.replace(base, outputs=outputs)
 
     store = Store.open(db_url)
     run = store.start_run("t", "/in", ["cnn-v1", "mnv2-v1"])
-    items = [item(1, "1.2.3", 0.30, 0.21), item(2, "1.2.3", 0.70, 0.64), item(3, "1.2.4", 0.55, 0.47)]
+    items = [item(1, "1.2.3", 0.30, 0.21), item(2, "1.2.3", 0.70, 0.64), item(3, "1.2.4", 0.55, 0.47),
+             item(4, "1.2.5", 0.60, 0.95)]
+    items[3] = dataclasses.replace(items[3], outputs=items[3].outputs[:1])  # scored by the CNN alone
     assert store.record_scored(run, items) == []
     want = {"1.2.3": {"cnn": [0.70, "PNEUMONIA", 0.64], "mnv2": [0.70, "PNEUMONIA", None]},
-            "1.2.4": {"cnn": [0.55, "PNEUMONIA", 0.47], "mnv2": [0.55, "PNEUMONIA", None]}}
+            "1.2.4": {"cnn": [0.55, "PNEUMONIA", 0.47], "mnv2": [0.55, "PNEUMONIA", None]},
+            "1.2.5": {"cnn": [0.60, "PNEUMONIA", 0.95]}}
+    order = ["1.2.5", "1.2.3", "1.2.4"]  # 0.95 calibrated above raw 0.70 and 0.55
     assert {st.study_key: st.results for st in store.studies()} == want
-    with store.engine.begin() as conn:  # as an 0008 database left them
+    assert [st.study_key for st in store.worklist(WorklistFilter(), 0, 10)] == order
+    with store.engine.begin() as conn:  # as an 0008 database left them: raw results, raw max_score
         for st in store.studies():
             old = {name: r[:2] for name, r in st.results.items()}
-            conn.execute(text("UPDATE studies SET results = :r WHERE id = :id"),
-                         dict(r=json.dumps(old), id=st.id))
+            conn.execute(text("UPDATE studies SET results = :r, max_score = :m WHERE id = :id"),
+                         dict(r=json.dumps(old), m=max(r[0] for r in old.values()), id=st.id))
         conn.execute(text("UPDATE alembic_version SET version_num = '0008'"))
+    assert [st.study_key for st in store.worklist(WorklistFilter(), 0, 10)] == ["1.2.3", "1.2.5", "1.2.4"]
     old_rows = {st.study_key: study_row(st) for st in store.studies()}
     assert old_rows["1.2.3"].calibrated == {"cnn": None, "mnv2": None} and old_rows["1.2.3"].scores["cnn"] == 0.70
     before = {st.id: st.updated_at for st in store.studies()}
@@ -118,7 +126,8 @@ def test_study_results_carry_the_calibrated_probability_and_revision_0009_fills_
         assert {st.study_key: st.results for st in studies} == want
         assert {st.id: st.updated_at for st in studies} == before  # nothing new to send anywhere
         assert {st.study_key: study_row(st).calibrated for st in studies} == {
-            "1.2.3": {"cnn": 0.64, "mnv2": None}, "1.2.4": {"cnn": 0.47, "mnv2": None}}
+            "1.2.3": {"cnn": 0.64, "mnv2": None}, "1.2.4": {"cnn": 0.47, "mnv2": None}, "1.2.5": {"cnn": 0.95}}
+        assert [st.study_key for st in store.worklist(WorklistFilter(), 0, 10)] == order
     finally:
         store.close()
 

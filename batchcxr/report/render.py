@@ -122,10 +122,6 @@ class StudyRow(StudyFields):
     """The calibrated probability of each model's study result (None: the model has none)."""
 
     @property
-    def max_score(self) -> float:
-        return max(self.scores.values(), default=-1.0)
-
-    @property
     def disagree(self) -> bool:
         return self.flagged_disagree
 
@@ -145,10 +141,6 @@ class StudyView(StudyFields):
     @property
     def n_images(self) -> int:
         return len(self.images)
-
-    @property
-    def max_score(self) -> float:
-        return max(self.scores.values(), default=-1.0)
 
     @property
     def disagree(self) -> bool:

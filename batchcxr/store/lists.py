@@ -79,7 +79,7 @@ def _where(f: WorklistFilter):
 
 
 ORDER = (Study.max_score.desc(), Study.id.desc())
-"""Worklist order: highest score first, newest first among equals (one backward index scan; a
+"""Worklist order: highest P(pneumonia) shown first, newest first among equals (one backward index scan; a
 label or agreement filter walks its own (flag, max_score, id) index instead)."""
 COUNT_CAP = 1_000
 """Filtered worklists count their studies up to this; beyond it they say "more than"."""

@@ -123,6 +123,12 @@ def _insert_for(dialect: str):
     return insert
 
 
+def shown(result: Sequence) -> float:
+    """The probability a reader sees for a [probability, label, calibrated] result: the calibrated
+    one, or the model's raw score where it has no calibration (what the worklist sorts by)."""
+    return result[2] if len(result) > 2 and result[2] is not None else result[0]
+
+
 class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
     """Results database over one engine (plus a read engine for SQLite); each public write is one
     transaction."""
@@ -488,7 +494,8 @@ class Store(FileRecords, StudyLists, ReviewRecords, OutboxRecords):
         for sid, agg in per_study.items():
             labels = {r[1] for r in agg["best"].values()}
             results = {name: list(r) for name, r in sorted(agg["best"].items())}
-            rows.append(dict(b_id=sid, max_score=max((r[0] for r in agg["best"].values()), default=-1.0), results=results,
+            rows.append(dict(b_id=sid, max_score=max((shown(r) for r in agg["best"].values()), default=-1.0),
+                             results=results,
                              positive="PNEUMONIA" in labels, negative="NORMAL" in labels,
                              disagree=agg["disagree"] or len(labels) > 1, n_images=agg["n"]))
         table = Study.__table__

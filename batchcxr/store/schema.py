@@ -62,8 +62,9 @@ class Study(Base):
     study_description: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     max_score: Mapped[float] = mapped_column(Float, default=-1.0)
-    """Highest frontal-image probability over all models (-1: nothing scored; never NULL, so the
-    worklist order is one index scan on SQLite and PostgreSQL alike)."""
+    """Highest frontal-image probability over all models as readers see it (calibrated; a model
+    without a calibration: its raw score), what the worklist sorts by (-1: nothing scored; never
+    NULL, so the worklist order is one index scan on SQLite and PostgreSQL alike)."""
     positive: Mapped[bool] = mapped_column(Boolean, default=False)
     """Some model labels the study PNEUMONIA."""
     negative: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -1,5 +1,5 @@
 """the calibrated probability in each study's stored results, so worklists show what study pages
-show (P(pneumonia), calibrated) instead of the raw model score
+show (P(pneumonia), calibrated) instead of the raw model score, and sort by it
 
 Revision ID: 0009
 Revises: 0008
@@ -19,8 +19,9 @@ CHUNK = 2000
 def upgrade() -> None:
     """Each study's results {model: [probability, label]} get the calibrated probability of the
     prediction they came from: the newest prediction of that model on an image of the study with
-    that probability (None where it has none). Studies in chunks, so memory stays flat on an
-    archive of any size; updated_at is left alone (nothing new to send to a PACS)."""
+    that probability (None where it has none), and max_score becomes the highest of what readers
+    see (calibrated, else raw). Studies in chunks, so memory stays flat on an archive of any size;
+    updated_at is left alone (nothing new to send to a PACS)."""
     import json
 
     from sqlalchemy import bindparam, text
@@ -43,8 +44,9 @@ def upgrade() -> None:
         for study_id, results in studies:
             results = json.loads(results) if isinstance(results, str) else results
             filled = {name: [r[0], r[1], calibrated.get((study_id, name, r[0]))] for name, r in results.items()}
-            rows.append(dict(r=json.dumps(filled), id=study_id))
-        bind.execute(text("UPDATE studies SET results = :r WHERE id = :id"), rows)
+            top = max((r[2] if r[2] is not None else r[0] for r in filled.values()), default=-1.0)
+            rows.append(dict(r=json.dumps(filled), m=top, id=study_id))
+        bind.execute(text("UPDATE studies SET results = :r, max_score = :m WHERE id = :id"), rows)
 
 
 def downgrade() -> None:
