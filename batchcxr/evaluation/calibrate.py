@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from batchcxr.evaluation.calibration import apply, fit_platt
-from batchcxr.evaluation.evaluate import run_arrays
+from batchcxr.evaluation.evaluate import run_arrays, run_shifted
 from batchcxr.evaluation.metrics import brier_score, expected_calibration_error
-from batchcxr.evaluation.shift import ShiftRanges, shifted_copies
+from batchcxr.evaluation.shift import ShiftRanges
 from batchcxr.modelcard import model_version, read_card, write_card
 
 
@@ -31,13 +31,12 @@ def calibrate_model(model_dir: Path, data_dir: Path, method: str = "platt", shif
     write_card(model_dir, card)  # score uncalibrated
     model = load_scoring_model(model_dir, threads=2)
     x, y = load_images(validation_split(card, data_dir))
-    raw = _raw(run_arrays(model, x, y))
+    raw = run_arrays(model, x, y).raw
     fitted_on = "the patient-level validation split of train (test never used)"
-    ranges = ShiftRanges()
-    shifted_y = np.tile(y, shift_copies)
-    shifted_raw = (_raw(run_arrays(model, shifted_copies(x, shift_copies, shift_seed, ranges), shifted_y))
-                   if shift_copies > 0 else raw[:0])
+    shifted_y, shifted_raw = y[:0], raw[:0]
     if shift_copies > 0:
+        shifted = run_shifted(model, x, y, shift_copies, shift_seed)
+        shifted_y, shifted_raw = shifted.y, shifted.raw
         fitted_on = (f"the patient-level validation split of train and {shift_copies} copies of each of its images "
                      "under simulated acquisition shift (test never used)")
     a, b = fit_platt(np.concatenate([y, shifted_y]), np.concatenate([raw, shifted_raw]),
@@ -55,7 +54,7 @@ def calibrate_model(model_dir: Path, data_dir: Path, method: str = "platt", shif
     }
     if shift_copies > 0:
         card["calibration"]["shift"] = {
-            "copies": shift_copies, "seed": shift_seed, "ranges": ranges.as_dict(),
+            "copies": shift_copies, "seed": shift_seed, "ranges": ShiftRanges().as_dict(),
             "ece_before": round(expected_calibration_error(shifted_y, shifted_raw), 4),
             "ece_after": round(expected_calibration_error(shifted_y, apply(shifted_raw, a, b)), 4),
         }
@@ -63,7 +62,3 @@ def calibrate_model(model_dir: Path, data_dir: Path, method: str = "platt", shif
     card["test_metrics"] = None
     write_card(model_dir, card)
     return card
-
-
-def _raw(done) -> np.ndarray:
-    return np.array([o.probability for o in done.outputs])

@@ -51,6 +51,11 @@ class ModelRun:
     occluded: dict[str, np.ndarray] = field(default_factory=dict)
     """Raw probabilities of each OCCLUSIONS copy of the inputs (explain.occluded), when asked for."""
 
+    @property
+    def raw(self) -> np.ndarray:
+        """Each image's raw (uncalibrated) probability."""
+        return np.array([o.probability for o in self.outputs])
+
 
 def run_arrays(model, x: np.ndarray, y: np.ndarray, lung_dir: Path = MODELS_DIR / "lungs", batch_size: int = 32,
                occlusions: bool = False) -> ModelRun:
@@ -92,7 +97,7 @@ def evaluate(model_dir: Path, data_dir: Path, batch_size: int = 32, *, validatio
     x, y = load_images(items)
     done = run_arrays(model, x, y, lung_dir, batch_size, occlusions=True)
     outputs, boxes, lung_probs, y = done.outputs, done.boxes, done.lung_probs, done.y
-    raw = np.array([o.probability for o in outputs])
+    raw = done.raw
     metrics = binary_metrics(y, raw, model.threshold)
     metrics["model"] = model.name
     metrics["model_version"] = model.version
@@ -116,16 +121,24 @@ def evaluate(model_dir: Path, data_dir: Path, batch_size: int = 32, *, validatio
     return metrics, y, scores
 
 
+def run_shifted(model, x: np.ndarray, y: np.ndarray, copies: int, seed: int,
+                lung_dir: Path = MODELS_DIR / "lungs", batch_size: int = 32) -> ModelRun:
+    """``run_arrays`` on ``copies`` shifted copies of each image (evaluation/shift.py: films as
+    other equipment might make them), with their labels."""
+    from batchcxr.evaluation.shift import shifted_copies
+
+    return run_arrays(model, shifted_copies(x, copies, seed), np.tile(y, copies), lung_dir, batch_size)
+
+
 def shifted_metrics(model, x: np.ndarray, y: np.ndarray, copies: int, seed: int,
                     lung_dir: Path = MODELS_DIR / "lungs", batch_size: int = 32) -> dict[str, Any]:
-    """AUC, accuracy, recalls and ECE on ``copies`` shifted copies of each image
-    (evaluation/shift.py: films as other equipment might make them). On the validation split,
-    where every candidate's AUC sits near 0.995, these figures still tell models apart."""
-    from batchcxr.evaluation.shift import ShiftRanges, shifted_copies
+    """AUC, accuracy, recalls and ECE on ``copies`` shifted copies of each image (run_shifted).
+    On the validation split, where every candidate's AUC sits near 0.995, these figures still
+    tell models apart."""
+    from batchcxr.evaluation.shift import ShiftRanges
 
-    ys = np.tile(y, copies)
-    outputs = run_arrays(model, shifted_copies(x, copies, seed), ys, lung_dir, batch_size).outputs
-    raw = np.array([o.probability for o in outputs])
+    done = run_shifted(model, x, y, copies, seed, lung_dir, batch_size)
+    ys, raw, outputs = done.y, done.raw, done.outputs
     m = binary_metrics(ys, raw, model.threshold)
     shifted = {"copies": copies, "seed": seed, "ranges": ShiftRanges().as_dict(), "n": m["n"],
                "roc_auc": m["roc_auc"], "accuracy": m["accuracy"],
