@@ -762,7 +762,7 @@ def started() -> None:
     """Start-up is done: the objects of the imports, settings and models (~100k) live as long as
     the process, so the garbage collector stops scanning them (gc.freeze; they are still freed by
     reference counting). Per 2,000-image run its full collections take 0.07 s instead of 0.15 and
-    the interpreter's exit 0.05 s instead of 0.19 (README, "start-up's objects frozen")."""
+    the interpreter's exit 0.05 s instead of 0.19 (docs/performance-log.md, "start-up's objects frozen")."""
     import gc
 
     gc.freeze()
