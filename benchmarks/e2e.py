@@ -5,10 +5,13 @@ line with the run's stages (run by benchmarks.run)."""
 from __future__ import annotations
 
 import json
+import re
 import resource
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from batchcxr.ingest.files import walk
@@ -27,9 +30,31 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def thread_cpu() -> Counter:
+    """CPU seconds of this process's Python threads by name, each thread's own clock
+    (``time.thread_time``) read as it ends: threads started from now on whose ``run`` is
+    Thread's own (pools, ``target=`` threads) record themselves; the caller adds the main
+    thread's. Pool threads' names lose their number (``batchcxr-infer_0`` -> ``batchcxr-infer``),
+    so each role is one entry."""
+    spent: Counter = Counter()
+    lock = threading.Lock()
+    run = threading.Thread.run
+
+    def timed_run(self: threading.Thread) -> None:
+        try:
+            run(self)
+        finally:
+            with lock:
+                spent[re.sub(r"[_-]?\d+$", "", self.name)] += time.thread_time()
+
+    threading.Thread.run = timed_run  # type: ignore[method-assign]
+    return spent
+
+
 def main(folder: str, decode_workers: str = "1", model_threads: str = "0", db_url: str = "", reports: str = "") -> None:
     """Score ``folder`` into ``db_url`` (default: a new SQLite file) with reports in ``reports``
     (default: a temporary folder)."""
+    threads = thread_cpu()
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(None, {"db_url": db_url or f"{tmp}/r.sqlite",
                                         "reports_dir": Path(reports) if reports else Path(tmp) / "reports",
@@ -49,8 +74,11 @@ def main(folder: str, decode_workers: str = "1", model_threads: str = "0", db_ur
         load_seconds = time.perf_counter() - start
         summary = scorer.score_paths(Path(folder), paths, decoders=decoders)
         store.close()
+    threads["MainThread"] += time.thread_time()
     own = _peak_rss_mb()
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # native threads, Thread subclasses with a run of their own (the decode pool's manager), daemons still running
+    threads["other"] = max(0.0, me.ru_utime + me.ru_stime - sum(threads.values()))
     print(json.dumps({
         "files": len(paths), "scored": summary.scored, "failed": sum(summary.failed.values()),
         "seconds": summary.seconds, "images_per_s": summary.scored / summary.seconds,
@@ -58,6 +86,7 @@ def main(folder: str, decode_workers: str = "1", model_threads: str = "0", db_ur
         "peak_rss_mb": own,
         "cpu_main_s": me.ru_utime + me.ru_stime,  # this process: infer, layers, database, pages
         "cpu_workers_s": kids.ru_utime + kids.ru_stime,  # its decode workers (joined by now)
+        "cpu_threads_s": dict(threads.most_common()),  # cpu_main_s by thread: infer, writer, main, loading, other
     }))
 
 

@@ -461,8 +461,9 @@ def format_table(r: dict) -> str:
     for case, e in r["e2e"].items():
         lines.append(f"    {case}: " + ", ".join(f"{k} {v:.1f}" for k, v in e["stages"].items())
                      + f"; creating a file before it {e['file_create_ms_before']:.2f} ms"
-                     + f"; CPU ms per image: scorer {1000 * e['cpu_main_s'] / e['scored']:.1f}, "
-                       f"decode workers {1000 * e['cpu_workers_s'] / e['scored']:.1f}")
+                     + f"; CPU ms per image: scorer {1000 * e['cpu_main_s'] / e['scored']:.1f} ("
+                     + ", ".join(f"{name} {1000 * v / e['scored']:.2f}" for name, v in e.get("cpu_threads_s", {}).items())
+                     + f"), decode workers {1000 * e['cpu_workers_s'] / e['scored']:.1f}")
     lines.append(f"`batchcxr score` on a one-image folder: {r['one_image_seconds']:.2f} s wall")
     return "\n".join(lines)
 

@@ -28,6 +28,11 @@ def test_benchmark_smoke_run(tmp_path, shared_data):
         assert e2e["ceiling_before"] > 0 and e2e["ceiling_after"] > 0 and e2e["cpu_ms_per_image"] > 0, case
         assert e2e["wall_from_start_s"] > e2e["seconds"], case  # from process start: imports and loading too
         assert e2e["cpu_main_s"] > 0 and e2e["cpu_workers_s"] >= 0, case
+        threads = e2e["cpu_threads_s"]  # the scorer's CPU by thread, each role there
+        assert {"MainThread", "batchcxr-infer", "batchcxr-writer", "batchcxr-load", "other"} <= set(threads), case
+        assert threads["batchcxr-infer"] > 0 and threads["MainThread"] > 0, case
+        if case in ("jpeg", "dicom-uncompressed"):  # the roles hold most of it (openjpeg decodes on native threads)
+            assert threads["other"] < 0.25 * e2e["cpu_main_s"], (case, threads)
         repeated = not case.startswith("jpeg,")  # each input kind twice (the median shown), not the other cases
         assert len(e2e.get("share_of_ceiling_runs", ())) == (2 if repeated else 0), case
     assert not (tmp_path / "work" / "runs").exists()  # each run's reports kept until the end, then removed
